@@ -1,0 +1,56 @@
+# trisocks: two commands from a fresh clone.
+#   make run    a working forward tunnel on this machine (SOCKS5 on 127.0.0.1:9870)
+#   make test   builds the virtualenv, the Cython extension and the test peers, then runs the suite
+# Other targets: build, bench, lint, clean.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PY     := $(BIN)/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
+EXT    := src/trisocks/_relay$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: all build run test bench lint clean tools
+
+all: build
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel "Cython>=3.0"
+
+# The editable install pulls runtime and test dependencies (the pinned peers
+# pywssocks and linksocks among them) and compiles the extension in place.
+$(STAMP): $(BIN)/python pyproject.toml setup.py
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# Rebuild the extension when the .pyx changes, without reinstalling.
+$(EXT): src/trisocks/_relay.pyx $(STAMP)
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $@
+
+build: $(STAMP) $(EXT)
+	@$(BIN)/trisocks version
+
+# Tools the tests drive from the outside (curl); installed with apt when missing.
+tools:
+	@bash scripts/ensure-tools.sh curl
+
+run: build
+	@$(PY) scripts/run_demo.py $(ARGS)
+
+test: build tools
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(PY) benchmarks/run.py $(ARGS)
+
+lint: build
+	$(PY) -m pip install --quiet ruff
+	$(BIN)/ruff check src tests benchmarks scripts
+
+clean:
+	rm -rf build dist src/*.egg-info src/trisocks/_relay.c src/trisocks/_relay*.so .pytest_cache
