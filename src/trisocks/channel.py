@@ -1,0 +1,323 @@
+"""A channel: one TCP connection carried over a WebSocket session.
+
+Bytes flow two ways:
+
+* **socket -> tunnel** (:meth:`Channel.run`, in the task that owns the
+  channel): wait until the socket is readable, take a buffer from the pool,
+  ``recv_into`` it behind ``HEADROOM`` bytes, frame it in place and hand it
+  to the session's outbox. An idle channel holds no buffer.
+* **tunnel -> socket** (:meth:`Channel.deliver`, called by the session's read
+  loop for every Data piece): send straight from the decoder's buffer when the
+  socket takes it; whatever the socket refuses is copied to ``pending`` and a
+  drain task finishes the job.
+
+Nothing is dropped and memory stays bounded: with a trisocks peer, each side
+grants the other a window of unacknowledged bytes per channel (WindowUpdate
+messages), so a stalled reader stops only its own sender. With LinkSocks
+peers, which have no such message, a channel whose ``pending`` passes its
+limit makes the read loop wait (backpressure on the whole WebSocket) rather
+than buffer without end.
+
+Closing follows LinkSocks: whoever sees its socket end sends Disconnect; the
+other side flushes what it holds, closes its socket and answers with its own
+Disconnect, which ends the first side's short linger.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+from trio.lowlevel import ParkingLot, checkpoint, wait_readable, wait_writable
+
+from . import protocol
+from .codec import HEADROOM, OP_BINARY, encode_data, encode_frame
+from .transport import close_socket
+
+if TYPE_CHECKING:
+    from .session import Session
+
+log = logging.getLogger("trisocks.channel")
+
+CHUNK = 256 << 10  # largest Data payload we send (pywssocks caps a message at 1 MiB)
+LINGER = 5.0  # how long a closing channel waits for the peer's Disconnect or for a slow reader
+UNLIMITED = 1 << 62
+
+OPENING, OPEN, LOCAL_CLOSED, REMOTE_CLOSED, CLOSED = range(5)
+
+
+class BufferPool:
+    """Reusable send buffers, so that a busy channel does not allocate per read."""
+
+    __slots__ = ("size", "_free", "keep")
+
+    def __init__(self, size: int, keep: int = 16) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: list[tuple[bytearray, memoryview]] = []
+
+    def get(self) -> tuple[bytearray, memoryview]:
+        if self._free:
+            return self._free.pop()
+        buf = bytearray(self.size)
+        return buf, memoryview(buf)
+
+    def put(self, item: tuple[bytearray, memoryview]) -> None:
+        if len(self._free) < self.keep:
+            self._free.append(item)
+
+
+BUFFERS = BufferPool(HEADROOM + CHUNK)
+
+
+class Channel:
+    __slots__ = (
+        "id", "session", "sock", "state", "pending", "credit", "limit", "error",
+        "bytes_up", "bytes_down", "_unacked", "_credit_lot", "_space_lot", "_pump_scope",
+        "_drain_scope", "_draining", "_drained", "_remote_done", "_response", "_response_ready",
+        "target", "on_close",
+    )
+
+    def __init__(self, session: Session, channel_id: bytes, target: str = "") -> None:
+        self.id = channel_id
+        self.session = session
+        self.sock = None
+        self.state = OPENING
+        self.pending = bytearray()
+        self.credit = session.peer_window or UNLIMITED
+        self.limit = session.pending_limit
+        self.error = ""
+        self.bytes_up = 0  # socket -> tunnel
+        self.bytes_down = 0  # tunnel -> socket
+        self.target = target
+        self.on_close = None  # callback(channel) for accounting
+        self._unacked = 0
+        self._credit_lot = ParkingLot()
+        self._space_lot = ParkingLot()
+        self._pump_scope = trio.CancelScope()
+        self._drain_scope: trio.CancelScope | None = None
+        self._draining = False
+        self._drained = trio.Event()
+        self._remote_done = trio.Event()
+        self._response: protocol.ConnectResponse | None = None
+        self._response_ready = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Channel {protocol.channel_str(self.id)[:8]} {self.target}>"
+
+    # -- opening ---------------------------------------------------------------
+    async def wait_response(self, timeout: float) -> protocol.ConnectResponse | None:
+        """Wait for the peer's ConnectResponse; None on timeout or if the session ended."""
+        with trio.move_on_after(timeout):
+            await self._response_ready.wait()
+        return self._response
+
+    def on_response(self, msg: protocol.ConnectResponse) -> None:
+        self._response = msg
+        self._response_ready.set()
+
+    def attach(self, sock) -> None:
+        """Give the channel its socket (after a successful dial or SOCKS handshake)."""
+        self.sock = sock
+        if self.state == OPENING:
+            self.state = OPEN
+        if self.pending:
+            self._kick_drain()
+
+    # -- tunnel -> socket ------------------------------------------------------------
+    def deliver(self, data) -> bool:
+        """Write Data from the peer; True when the read loop must wait (``wait_space``)."""
+        if self.state >= CLOSED or self.error:
+            return False
+        sock = self.sock
+        if sock is None or self.pending:
+            self.pending += data
+            if sock is not None:
+                self._kick_drain()
+        else:
+            try:
+                n = sock.send(data)
+            except BlockingIOError:
+                n = 0
+            except OSError as exc:
+                self._write_failed(exc)
+                return False
+            if n:
+                self._consumed(n)
+            if n < len(data):
+                self.pending += data[n:]
+                self._kick_drain()
+        return len(self.pending) > self.limit
+
+    async def wait_space(self) -> None:
+        while len(self.pending) > self.limit and self.state < CLOSED and not self.error:
+            await self._space_lot.park()
+
+    def _consumed(self, n: int) -> None:
+        self.bytes_down += n
+        window = self.session.recv_window
+        if window:
+            self._unacked += n
+            if self._unacked >= window >> 2 and self.state in (OPEN, LOCAL_CLOSED):
+                self.session.send(protocol.WindowUpdate(self.id, self._unacked))
+                self._unacked = 0
+
+    def _kick_drain(self) -> None:
+        if not self._draining and self.sock is not None:
+            self._draining = True
+            self._drained = trio.Event()
+            self.session.nursery.start_soon(self._drain)
+
+    async def _drain(self) -> None:
+        sock = self.sock
+        scope = self._drain_scope = trio.CancelScope()
+        try:
+            with scope:
+                while self.pending and self.state < CLOSED:
+                    try:
+                        await wait_writable(sock)
+                        n = sock.send(self.pending)
+                    except BlockingIOError:
+                        continue
+                    except (OSError, trio.ClosedResourceError) as exc:
+                        if isinstance(exc, OSError):
+                            self._write_failed(exc)
+                        break
+                    del self.pending[:n]
+                    self._consumed(n)
+                    if len(self.pending) <= self.limit:
+                        self._space_lot.unpark_all()
+        finally:
+            self._draining = False
+            self._drained.set()
+            self._space_lot.unpark_all()
+
+    def _write_failed(self, exc: OSError) -> None:
+        """The local socket refused our bytes: the channel is over."""
+        self.fail((exc.strerror or str(exc)).lower())
+
+    def fail(self, error: str) -> None:
+        """End the channel with an error: tell the peer, stop both directions."""
+        self.error = self.error or error
+        self.pending.clear()
+        self._space_lot.unpark_all()
+        if self.state in (OPENING, OPEN):
+            self.session.send(protocol.Disconnect(self.id, self.error))
+            self.state = LOCAL_CLOSED
+            self._remote_done.set()  # no linger: nothing more can be written
+        self._pump_scope.cancel()
+
+    # -- credit ------------------------------------------------------------------
+    def add_credit(self, n: int) -> None:
+        self.credit += n
+        self._credit_lot.unpark_all()
+
+    # -- socket -> tunnel --------------------------------------------------------
+    async def send_early(self, data: bytes) -> None:
+        """Send bytes that arrived before the pump started (sent along with a SOCKS request)."""
+        session = self.session
+        for i in range(0, len(data), CHUNK):
+            piece = data[i : i + CHUNK]
+            frame = protocol.pack(protocol.Data(protocol.TCP, self.id, piece))
+            session.outbox.send_nowait(
+                encode_frame(OP_BINARY, frame, session.mask_key())
+            )
+            self.credit -= len(piece)
+            self.bytes_up += len(piece)
+        await session.outbox.wait_for_space()
+
+    async def run(self) -> None:
+        """Pump the socket into the tunnel until either side ends; then close everything."""
+        try:
+            with self._pump_scope:
+                await self._pump()
+            if self.state == LOCAL_CLOSED:
+                with trio.move_on_after(LINGER):
+                    await self._remote_done.wait()
+            if self.pending and not self.error:
+                with trio.move_on_after(LINGER):
+                    await self._drained.wait()
+        finally:
+            self.finish()
+
+    async def _pump(self) -> None:
+        sock = self.sock
+        session = self.session
+        outbox = session.outbox
+        pool = BUFFERS
+        cid = self.id
+        error = ""
+        try:
+            while True:
+                while self.credit <= 0:
+                    await self._credit_lot.park()
+                item = pool.get()
+                try:
+                    buf, view = item
+                    want = CHUNK if self.credit > CHUNK else self.credit
+                    try:
+                        n = sock.recv_into(view[HEADROOM : HEADROOM + want])
+                    except BlockingIOError:
+                        pool.put(item)
+                        item = None
+                        await wait_readable(sock)
+                        continue
+                    if n == 0:
+                        break
+                    start = encode_data(buf, HEADROOM, n, cid, session.mask_key())
+                    await outbox.send_borrowed(view[start : HEADROOM + n])
+                    self.credit -= n
+                    self.bytes_up += n
+                finally:
+                    if item is not None:
+                        pool.put(item)
+                await checkpoint()
+        except (OSError, trio.ClosedResourceError) as exc:
+            if isinstance(exc, OSError):
+                error = (exc.strerror or str(exc)).lower()
+            else:
+                error = "connection closed"
+        if self.state in (OPENING, OPEN):
+            self.state = LOCAL_CLOSED
+            self.session.send_if_open(protocol.Disconnect(cid, error))
+
+    # -- closing ----------------------------------------------------------------
+    def on_remote_disconnect(self, error: str) -> None:
+        """The peer ended the channel: stop reading, flush what we hold, answer in kind."""
+        if error:
+            log.debug("%r closed by peer: %s", self, error)
+        if self.state == LOCAL_CLOSED:
+            self._remote_done.set()
+            return
+        if self.state in (OPENING, OPEN):
+            self.state = REMOTE_CLOSED
+            self.session.send_if_open(protocol.Disconnect(self.id))
+            self._remote_done.set()
+            if self._response is None:
+                self._response = protocol.ConnectResponse(False, self.id, error or "disconnected")
+                self._response_ready.set()
+            self._pump_scope.cancel()
+
+    def abort(self) -> None:
+        """Session is gone: stop at once."""
+        if self.state < CLOSED:
+            self._remote_done.set()
+            self._response_ready.set()
+            self._pump_scope.cancel()
+            self.pending.clear()
+            if self._drain_scope is not None:
+                self._drain_scope.cancel()
+
+    def finish(self) -> None:
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        if self._drain_scope is not None:
+            self._drain_scope.cancel()
+        self._space_lot.unpark_all()
+        self._credit_lot.unpark_all()
+        close_socket(self.sock)
+        self.session.forget(self)
+        if self.on_close is not None:
+            self.on_close(self)

@@ -1,0 +1,159 @@
+"""The single writer of a WebSocket: a FIFO of ready frames, flushed in batches.
+
+Frames come from many channels at once. When the socket is idle a frame is
+sent on the spot (no task switch); when it is busy, frames queue up and the
+writer task flushes as many as fit with one ``sendmsg`` call (coalescing).
+
+Two ways in:
+
+* :meth:`Outbox.send_nowait` for small frames the caller owns (control
+  messages). Never waits, so the read loop can answer pings and grant credit
+  without ever blocking on its own peer.
+* :meth:`Outbox.send_borrowed` for a frame that lives in the caller's reusable
+  buffer. It returns once the kernel has the bytes, so the buffer can be
+  refilled: this is the zero-copy data path, and also the backpressure (a
+  channel has at most one frame in flight).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+from trio.lowlevel import ParkingLot
+
+from .transport import IOV_MAX
+
+
+class Outbox:
+    __slots__ = ("_transport", "_queue", "_queued", "_work", "_space", "_closed", "high_water",
+                 "_error", "sent_frames", "batches", "finished")
+
+    def __init__(self, transport, *, high_water: int = 4 << 20) -> None:
+        self._transport = transport
+        # items are [memoryview-or-bytes, trio.Event | None]
+        self._queue: deque[list] = deque()
+        self._queued = 0
+        self._work = ParkingLot()
+        self._space = ParkingLot()
+        self._closed = False
+        self._error: BaseException | None = None
+        self.high_water = high_water
+        self.sent_frames = 0
+        self.batches = 0
+        self.finished = trio.Event()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("WebSocket is closed") from self._error
+
+    def send_nowait(self, frame: bytes) -> None:
+        """Queue a frame the outbox may keep (it is not reused by the caller)."""
+        self._check()
+        if not self._queue:
+            n = self._transport.try_send(frame)
+            if n == len(frame):
+                self.sent_frames += 1
+                return
+            if n:
+                frame = memoryview(frame)[n:]
+        self._queue.append([frame, None])
+        self._queued += len(frame)
+        self._work.unpark()
+
+    async def send_borrowed(self, frame) -> None:
+        """Send a frame from a buffer the caller will reuse; return when the kernel has it."""
+        self._check()
+        if not self._queue:
+            n = self._transport.try_send(frame)
+            if n == len(frame):
+                self.sent_frames += 1
+                return
+            frame = frame[n:]
+        done = trio.Event()
+        item = [frame, done]
+        self._queue.append(item)
+        self._queued += len(frame)
+        self._work.unpark()
+        try:
+            await done.wait()
+        except BaseException:
+            if not done.is_set():
+                # We are being cancelled with our bytes still queued: keep a copy
+                # so the buffer can go back to the pool and the frame stays whole.
+                item[0] = bytes(item[0])
+                item[1] = None
+            raise
+        if self._error is not None and self._closed:
+            raise trio.ClosedResourceError("WebSocket is closed") from self._error
+
+    async def wait_for_space(self) -> None:
+        """Wait while more than ``high_water`` bytes are queued."""
+        while self._queued > self.high_water and not self._closed:
+            await self._space.park()
+
+    async def run(self) -> None:
+        """The writer task: flush queued frames until the outbox is closed."""
+        queue = self._queue
+        transport = self._transport
+        try:
+            while True:
+                while not queue:
+                    if self._closed:
+                        return
+                    await self._work.park()
+                views = [queue[i][0] for i in range(min(len(queue), IOV_MAX))]
+                n = await transport.write_some(views)
+                self.batches += 1
+                self._queued -= n
+                while queue:
+                    item = queue[0]
+                    size = len(item[0])
+                    if size > n:
+                        if n:
+                            item[0] = memoryview(item[0])[n:]
+                        break
+                    queue.popleft()
+                    n -= size
+                    self.sent_frames += 1
+                    if item[1] is not None:
+                        item[1].set()
+                if self._queued <= self.high_water // 2:
+                    self._space.unpark_all()
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        finally:
+            self.finished.set()
+
+    def close(self) -> None:
+        """Stop accepting frames; the writer finishes what is queued, then returns."""
+        self._closed = True
+        self._work.unpark_all()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._closed = True
+        self._error = exc
+        for item in self._queue:
+            if item[1] is not None:
+                item[1].set()
+        self._queue.clear()
+        self._queued = 0
+        self._space.unpark_all()
+
+    async def flush_closed(self) -> None:
+        """After :meth:`close`: wait until the writer has sent everything and stopped."""
+        await self.finished.wait()
+
+    async def flush(self) -> None:
+        """Wait until everything queued so far has been written (or the outbox failed)."""
+        if not self._queue:
+            return
+        done = trio.Event()
+        self._queue.append([b"", done])
+        self._work.unpark()
+        await done.wait()

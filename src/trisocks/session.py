@@ -1,0 +1,333 @@
+"""A session: one authenticated WebSocket carrying many channels.
+
+The session owns three loops in one nursery: the read loop (decoder events
+to channels and to the role's handler), the outbox writer, and the keepalive
+(pings; a peer silent for too long is dropped). Channel tasks of the
+accepting side also live in this nursery, so closing a session closes every
+channel it carries, and nothing outlives it.
+
+What a message *means* depends on the role (server, client, provider...):
+the session calls a :class:`Handler` for everything that is not plain data
+plumbing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import trio
+
+from . import codec, protocol
+from .channel import CLOSED, OPEN, OPENING, Channel
+from .errors import MessageError, ProtocolError
+from .outbox import Outbox
+
+log = logging.getLogger("trisocks.session")
+
+DEFAULT_WINDOW = 4 << 20  # per-channel credit we grant trisocks peers
+DEFAULT_PENDING = 2 << 20  # per-channel backlog before a LinkSocks peer's reader is paused
+STALL_TIMEOUT = 30.0  # a channel that pauses the whole WebSocket this long is closed
+
+
+class Handler:
+    """What a role does with session-level messages. The defaults refuse or ignore."""
+
+    def on_connect(self, session: Session, msg: protocol.Connect) -> None:
+        session.send(protocol.ConnectResponse(False, msg.channel, "not allowed"))
+
+    def on_udp_data(self, session: Session, channel: Channel, msg: protocol.Data) -> None:
+        log.debug("%s: UDP data for a TCP channel ignored", session)
+
+    def on_connector(self, session: Session, msg: protocol.Connector) -> None:
+        session.send(protocol.ConnectorResponse(msg.channel, False, "not allowed"))
+
+    def on_connector_response(self, session: Session, msg: protocol.ConnectorResponse) -> None:
+        pass
+
+    def on_partners(self, session: Session, count: int) -> None:
+        pass
+
+    def on_log(self, session: Session, msg: protocol.Log) -> None:
+        log.debug("%s: peer log [%s] %s", session, msg.level, msg.msg[:200])
+
+
+class Session:
+    def __init__(
+        self,
+        transport,
+        decoder,
+        *,
+        client_side: bool,
+        handler: Handler,
+        name: str = "session",
+        peer_window: int | None = None,
+        recv_window: int = 0,
+        ping_interval: float = 30.0,
+        idle_timeout: float = 90.0,
+    ) -> None:
+        self.transport = transport
+        self.decoder = decoder
+        self.client_side = client_side
+        self.handler = handler
+        self.name = name
+        self.outbox = Outbox(transport)
+        self.channels: dict[bytes, Channel] = {}
+        # Flow control: peer_window is the credit the peer grants us per channel
+        # (None: the peer does not speak it); recv_window is what we grant.
+        self.peer_window = peer_window
+        self.recv_window = recv_window if peer_window else 0
+        self.pending_limit = max(self.recv_window, DEFAULT_PENDING)
+        self.ping_interval = ping_interval
+        self.idle_timeout = idle_timeout
+        self.nursery: trio.Nursery | None = None
+        self.closed = trio.Event()
+        self.close_reason = ""
+        self.last_seen = trio.current_time()
+        self.last_pong = trio.current_time()
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.unknown_data = 0
+        self._rng = random.Random(os.urandom(16))
+        self._read_scope = trio.CancelScope()
+        self._ping_sent_at: float | None = None
+        self.rtt: float | None = None
+
+    def __str__(self) -> str:
+        return self.name
+
+    # -- sending -------------------------------------------------------------------
+    def mask_key(self):
+        return self._rng.getrandbits(32) if self.client_side else None
+
+    def send(self, msg) -> None:
+        """Queue a LinkSocks message; raises trio.ClosedResourceError once the session is closing."""
+        self.outbox.send_nowait(codec.encode_frame(codec.OP_BINARY, protocol.pack(msg), self.mask_key()))
+
+    def send_if_open(self, msg) -> None:
+        try:
+            self.send(msg)
+        except trio.ClosedResourceError:
+            pass
+
+    def ping(self) -> None:
+        self._ping_sent_at = trio.current_time()
+        self.outbox.send_nowait(codec.encode_frame(codec.OP_PING, b"trisocks", self.mask_key()))
+
+    # -- channels ------------------------------------------------------------------
+    def open_channel(self, target: str = "") -> Channel:
+        """A new outgoing channel (we send Connect), registered so replies find it."""
+        ch = Channel(self, protocol.new_channel_id(), target)
+        self.channels[ch.id] = ch
+        return ch
+
+    def accept_channel(self, channel_id: bytes, target: str = "") -> Channel | None:
+        """A channel the peer asked for; None if that id is already in use."""
+        if channel_id in self.channels:
+            return None
+        ch = Channel(self, channel_id, target)
+        self.channels[channel_id] = ch
+        return ch
+
+    def forget(self, ch: Channel) -> None:
+        if self.channels.get(ch.id) is ch:
+            del self.channels[ch.id]
+
+    # -- running -------------------------------------------------------------------
+    async def run(self) -> None:
+        """Serve until the WebSocket ends; every channel is closed on the way out."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                nursery.start_soon(self._write_loop)
+                nursery.start_soon(self._keepalive)
+                try:
+                    with self._read_scope:
+                        await self._read_loop()
+                except ProtocolError as exc:
+                    log.warning("%s: protocol error from peer: %s", self, exc.reason)
+                    self.close_reason = f"protocol error: {exc.reason}"
+                    self._send_close(exc.close_code, exc.reason)
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self.close_reason = self.close_reason or f"connection lost ({_describe(exc)})"
+                finally:
+                    await self._shutdown(nursery)
+        finally:
+            self.closed.set()
+
+    async def _shutdown(self, nursery: trio.Nursery) -> None:
+        for ch in list(self.channels.values()):
+            ch.abort()
+        self.outbox.close()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(1.0):
+                await self.outbox.flush_closed()
+            nursery.cancel_scope.cancel()
+            await self.transport.aclose()
+
+    async def _write_loop(self) -> None:
+        try:
+            await self.outbox.run()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.close_reason = self.close_reason or f"connection lost ({_describe(exc)})"
+            self._read_scope.cancel()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start a clean close: send a close frame and stop reading."""
+        if not self.close_reason:
+            self.close_reason = reason or "closed"
+        self._send_close(code, reason)
+        self._read_scope.cancel()
+
+    def _send_close(self, code: int, reason: str) -> None:
+        payload = code.to_bytes(2, "big") + reason.encode()[:120]
+        try:
+            self.outbox.send_nowait(codec.encode_frame(codec.OP_CLOSE, payload, self.mask_key()))
+        except trio.ClosedResourceError:
+            pass
+
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(self.ping_interval)
+            now = trio.current_time()
+            if now - self.last_seen > self.idle_timeout:
+                log.warning("%s: peer silent for %.0f s, closing", self, now - self.last_seen)
+                self.close(1001, "idle timeout")
+                return
+            try:
+                self.ping()
+            except trio.ClosedResourceError:
+                return
+
+    async def _read_loop(self) -> None:
+        dec = self.decoder
+        recv_into = self.transport.recv_into
+        channels = self.channels
+        DATA, NEED_DATA = codec.DATA, codec.NEED_DATA
+        while True:
+            ev = dec.next_event()
+            if ev == DATA:
+                ch = channels.get(dec.channel)
+                if ch is None:
+                    self.unknown_data += 1
+                elif ch.deliver(dec.data):
+                    await self._wait_space(ch)
+                continue
+            if ev == NEED_DATA:
+                n = await recv_into(dec.get_buffer())
+                if n == 0:
+                    self.close_reason = self.close_reason or "peer closed the connection"
+                    return
+                dec.feed(n)
+                self.bytes_in += n
+                self.last_seen = trio.current_time()
+                continue
+            if ev == codec.MESSAGE:
+                await self._on_message(dec.data)
+            elif ev == codec.PING:
+                self.outbox.send_nowait(codec.encode_frame(codec.OP_PONG, dec.data, self.mask_key()))
+            elif ev == codec.PONG:
+                if self._ping_sent_at is not None:
+                    self.rtt = trio.current_time() - self._ping_sent_at
+                    self._ping_sent_at = None
+                self.last_pong = trio.current_time()
+            elif ev == codec.CLOSE:
+                code = dec.close_code
+                self.close_reason = self.close_reason or (
+                    f"peer closed ({code}{': ' + dec.close_reason if dec.close_reason else ''})"
+                )
+                self._send_close(1000 if code in (1005, 1006) else code, "")
+                return
+            elif ev == codec.TRUNCATED:
+                ch = channels.get(dec.channel)
+                if ch is not None:
+                    log.warning("%s: truncated Data message, closing %r", self, ch)
+                    ch.fail("truncated data message")
+
+    async def _wait_space(self, ch: Channel) -> None:
+        with trio.move_on_after(STALL_TIMEOUT) as scope:
+            await ch.wait_space()
+        if scope.cancelled_caught:
+            log.warning("%s: %r has not read for %.0f s, closing it", self, ch, STALL_TIMEOUT)
+            ch.fail("reader stalled")
+
+    async def _on_message(self, data: bytes) -> None:
+        try:
+            msg = protocol.parse(data)
+        except MessageError as exc:
+            log.warning("%s: bad message from peer ignored: %s", self, exc)
+            return
+        kind = type(msg)
+        if kind is protocol.Data:
+            ch = self.channels.get(msg.channel)
+            if ch is None:
+                self.unknown_data += 1
+            elif msg.protocol == protocol.TCP:
+                if ch.deliver(msg.data):
+                    await self._wait_space(ch)
+            else:
+                self.handler.on_udp_data(self, ch, msg)
+        elif kind is protocol.WindowUpdate:
+            ch = self.channels.get(msg.channel)
+            if ch is not None:
+                ch.add_credit(msg.credit)
+        elif kind is protocol.Connect:
+            if msg.channel in self.channels:
+                log.warning("%s: Connect for a channel id already in use ignored", self)
+            else:
+                self.handler.on_connect(self, msg)
+        elif kind is protocol.ConnectResponse:
+            ch = self.channels.get(msg.channel)
+            if ch is not None:
+                ch.on_response(msg)
+        elif kind is protocol.Disconnect:
+            ch = self.channels.get(msg.channel)
+            if ch is not None:
+                ch.on_remote_disconnect(msg.error)
+        elif kind is protocol.Partners:
+            self.handler.on_partners(self, msg.count)
+        elif kind is protocol.Connector:
+            self.handler.on_connector(self, msg)
+        elif kind is protocol.ConnectorResponse:
+            self.handler.on_connector_response(self, msg)
+        elif kind is protocol.Log:
+            self.handler.on_log(self, msg)
+        else:
+            # Auth/AuthResponse after authentication (pywssocks sends Auth even when
+            # its URL already authenticated it), Direct* signalling, unknown types.
+            log.debug("%s: %s message ignored", self, kind.__name__)
+
+
+async def read_message(transport, decoder, *, timeout: float, client_side: bool) -> bytes:
+    """Before a session runs: the first whole message (Auth, AuthResponse), answering pings.
+
+    Raises trio.TooSlowError when none comes in time and EOFError when the peer closes first.
+    """
+    mask = random.Random(os.urandom(8)) if client_side else None
+    with trio.fail_after(timeout):
+        while True:
+            ev = decoder.next_event()
+            if ev == codec.MESSAGE:
+                return decoder.data
+            if ev == codec.NEED_DATA:
+                n = await transport.recv_into(decoder.get_buffer())
+                if n == 0:
+                    raise EOFError("connection closed")
+                decoder.feed(n)
+            elif ev == codec.PING:
+                key = mask.getrandbits(32) if mask else None
+                await transport.send_all(codec.encode_frame(codec.OP_PONG, decoder.data, key))
+            elif ev == codec.CLOSE:
+                reason = decoder.close_reason or f"code {decoder.close_code}"
+                raise EOFError(f"closed by peer ({reason})")
+            # Data before authentication has no channel to go to: drop it.
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+__all__ = ["Session", "Handler", "DEFAULT_WINDOW", "OPEN", "OPENING", "CLOSED"]

@@ -1,0 +1,140 @@
+"""A SOCKS5 listener on Trio: the handshake here, what a request leads to elsewhere.
+
+The client (forward mode) and the server (reverse mode) both run one. The
+handshake (greeting, optional RFC 1929 username/password, request) uses the
+sans-IO parsers in :mod:`trisocks.socks5`; the CONNECT (and later UDP
+ASSOCIATE) handler is the role's. A malformed or slow handshake closes only
+that connection.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from . import socks5
+from .transport import accept_loop, close_socket, listen_tcp, sock_recv, sock_sendall
+
+log = logging.getLogger("trisocks.socks")
+
+HANDSHAKE_TIMEOUT = 10.0
+
+ConnectHandler = Callable[[object, socks5.Request, bytes], Awaitable[None]]
+
+
+class Credentials:
+    """One username/password pair, compared in constant time."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username = username.encode()
+        self.password = password.encode()
+
+    def check(self, username: str, password: str) -> bool:
+        ok_user = hmac.compare_digest(self.username, username.encode())
+        ok_pass = hmac.compare_digest(self.password, password.encode())
+        return ok_user and ok_pass
+
+
+class SocksServer:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        on_connect: ConnectHandler,
+        credentials: Credentials | None = None,
+        on_udp: ConnectHandler | None = None,
+        name: str = "SOCKS5",
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.on_connect = on_connect
+        self.on_udp = on_udp
+        self.credentials = credentials
+        self.name = name
+        self.connections = 0
+        self.failures = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        lsock = listen_tcp(self.host, self.port)
+        try:
+            self.port = lsock.getsockname()[1]
+            task_status.started(self.port)
+            async with trio.open_nursery() as nursery:
+                await accept_loop(lsock, self._handle, nursery, log)
+        finally:
+            close_socket(lsock)
+
+    async def _handle(self, sock, addr) -> None:
+        self.connections += 1
+        try:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    request, early = await self._handshake(sock)
+            except socks5.Socks5Error as exc:
+                self.failures += 1
+                log.debug("%s handshake from %s refused: %s", self.name, _fmt(addr), exc)
+                if exc.reply is not None:
+                    await _try_send(sock, socks5.reply(exc.reply))
+                return
+            except (trio.TooSlowError, EOFError, OSError) as exc:
+                self.failures += 1
+                log.debug("%s handshake from %s failed: %s", self.name, _fmt(addr), exc or "timeout")
+                return
+            if request is None:
+                return
+            if request.command == socks5.CMD_CONNECT:
+                await self.on_connect(sock, request, early)
+            elif request.command == socks5.CMD_UDP_ASSOCIATE and self.on_udp is not None:
+                await self.on_udp(sock, request, early)
+            else:
+                await _try_send(sock, socks5.reply(socks5.COMMAND_NOT_SUPPORTED))
+        finally:
+            close_socket(sock)
+
+    async def _handshake(self, sock) -> tuple[socks5.Request | None, bytes]:
+        buf = bytearray()
+
+        async def read(parse):
+            while True:
+                result = parse(buf)
+                if result is not None:
+                    del buf[: result[-1]]
+                    return result[:-1]
+                data = await sock_recv(sock, 4096)
+                if not data:
+                    raise EOFError("client closed during the SOCKS5 handshake")
+                buf.extend(data)
+
+        (methods,) = await read(socks5.parse_greeting)
+        method = socks5.choose_method(methods, self.credentials is not None)
+        await sock_sendall(sock, socks5.method_reply(method))
+        if method == socks5.NO_ACCEPTABLE:
+            log.debug("%s: client offered no acceptable auth method", self.name)
+            return None, b""
+        if method == socks5.USERPASS:
+            username, password = await read(socks5.parse_userpass)
+            ok = self.credentials is not None and self.credentials.check(username, password)
+            await sock_sendall(sock, socks5.userpass_reply(ok))
+            if not ok:
+                log.warning("%s: wrong username or password from a client", self.name)
+                return None, b""
+        (request,) = await read(socks5.parse_request)
+        return request, bytes(buf)
+
+
+async def _try_send(sock, data: bytes) -> None:
+    try:
+        await sock_sendall(sock, data)
+    except OSError:
+        pass
+
+
+def _fmt(addr) -> str:
+    try:
+        return f"{addr[0]}:{addr[1]}"
+    except (TypeError, IndexError):
+        return str(addr)

@@ -1,0 +1,89 @@
+"""The server's tokens, looked up by SHA-256 so that both auth forms are one dictionary probe.
+
+LinkSocks clients authenticate either with an Auth message carrying the
+token, or with ``?token=<sha256 hex>`` in the WebSocket URL. Keying the table
+by the digest serves both, and the final comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass, field
+
+FORWARD = "forward"
+REVERSE = "reverse"
+CONNECTOR = "connector"
+RESERVED = "anonymous"  # what LinkSocks clients send when started without a token
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def generate() -> str:
+    """A fresh random token (22 url-safe characters, 128 bits)."""
+    return secrets.token_urlsafe(16)
+
+
+def redact(token: str) -> str:
+    """What logs may show of a token: never the whole of it."""
+    if len(token) < 10:
+        return f"***({len(token)} chars)"
+    return f"{token[:4]}...({len(token)} chars)"
+
+
+@dataclass
+class TokenInfo:
+    token: str
+    kind: str
+    # reverse tokens
+    port: int | None = None
+    username: str = ""
+    password: str = ""
+    allow_manage_connector: bool = False
+    # connector tokens: the reverse token they reach
+    reverse_token: str = ""
+    connectors: set[str] = field(default_factory=set)
+
+
+class TokenTable:
+    def __init__(self) -> None:
+        self._by_digest: dict[str, TokenInfo] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    def __iter__(self):
+        return iter(list(self._by_digest.values()))
+
+    def add(self, info: TokenInfo) -> TokenInfo:
+        if info.token == RESERVED:
+            raise ValueError(f"'{RESERVED}' is reserved and cannot be used as a token")
+        if not info.token or len(info.token.encode()) > 255:
+            raise ValueError("a token must be 1 to 255 bytes long")
+        key = digest(info.token)
+        existing = self._by_digest.get(key)
+        if existing is not None and existing.kind != info.kind:
+            raise ValueError(f"token already exists as a {existing.kind} token")
+        self._by_digest[key] = info
+        return info
+
+    def add_forward(self, token: str) -> TokenInfo:
+        return self.add(TokenInfo(token, FORWARD))
+
+    def remove(self, token: str) -> TokenInfo | None:
+        return self._by_digest.pop(digest(token), None)
+
+    def get(self, token: str) -> TokenInfo | None:
+        info = self._by_digest.get(digest(token))
+        if info is not None and hmac.compare_digest(info.token.encode(), token.encode()):
+            return info
+        return None
+
+    def get_by_digest(self, hexdigest: str) -> TokenInfo | None:
+        return self._by_digest.get(hexdigest.lower())
+
+    def of_kind(self, kind: str) -> list[TokenInfo]:
+        return [t for t in self._by_digest.values() if t.kind == kind]

@@ -1,0 +1,199 @@
+"""Byte transports under a WebSocket session, and the raw-socket helpers the data path uses.
+
+The data path works on plain non-blocking stdlib sockets and waits with
+``trio.lowlevel.wait_readable``/``wait_writable``: one syscall per operation
+when the socket is ready, and no wrapper objects per call.  A transport gives
+the session four operations:
+
+``recv_into(view)``   await at least one byte (0 means EOF)
+``try_send(view)``    send what the kernel takes right now, never wait
+``write_some(views)`` await until some of ``views`` is written; returns the count
+``aclose()``          close
+
+:class:`SocketTransport` is the fast one. :class:`StreamTransport` wraps any
+``trio.abc.Stream`` (TLS) and copies, since a TLS stream cannot take scatter
+lists.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+
+import trio
+from trio.lowlevel import checkpoint, wait_readable, wait_writable
+
+# Errors that mean "the peer is gone", reported as a plain close, not a crash.
+CLOSED_ERRNOS = frozenset(
+    {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ESHUTDOWN,
+     errno.EBADF, errno.ETIMEDOUT}
+)
+IOV_MAX = 64  # frames coalesced into one sendmsg
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """Non-blocking, and no Nagle delay: small messages (SOCKS replies, requests) go out at once."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+
+async def sock_recv_into(sock: socket.socket, view) -> int:
+    """Receive into ``view``; waits only when nothing is there yet."""
+    while True:
+        try:
+            n = sock.recv_into(view)
+        except BlockingIOError:
+            await wait_readable(sock)
+            continue
+        await checkpoint()
+        return n
+
+
+async def sock_recv(sock: socket.socket, size: int) -> bytes:
+    while True:
+        try:
+            data = sock.recv(size)
+        except BlockingIOError:
+            await wait_readable(sock)
+            continue
+        await checkpoint()
+        return data
+
+
+async def sock_sendall(sock: socket.socket, data) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = sock.send(view)
+        except BlockingIOError:
+            await wait_writable(sock)
+            continue
+        view = view[n:]
+    await checkpoint()
+
+
+def close_socket(sock: socket.socket | None) -> None:
+    """Close and tell Trio first, so no task stays parked on the file descriptor."""
+    if sock is None or sock.fileno() < 0:
+        return
+    try:
+        trio.lowlevel.notify_closing(sock)
+    except (ValueError, OSError):
+        pass
+    sock.close()
+
+
+class SocketTransport:
+    """A WebSocket's TCP socket, used directly."""
+
+    __slots__ = ("sock", "peer")
+
+    def __init__(self, sock: socket.socket, peer: str = "") -> None:
+        tune_socket(sock)
+        self.sock = sock
+        self.peer = peer
+
+    async def recv_into(self, view) -> int:
+        return await sock_recv_into(self.sock, view)
+
+    def try_send(self, view) -> int:
+        try:
+            return self.sock.send(view)
+        except BlockingIOError:
+            return 0
+
+    async def write_some(self, views) -> int:
+        sock = self.sock
+        while True:
+            try:
+                return sock.sendmsg(views)
+            except BlockingIOError:
+                await wait_writable(sock)
+
+    async def send_all(self, data) -> None:
+        await sock_sendall(self.sock, data)
+
+    async def aclose(self) -> None:
+        close_socket(self.sock)
+        await checkpoint()
+
+
+class StreamTransport:
+    """Any Trio stream (TLS): correct but copies, since streams take one buffer at a time."""
+
+    __slots__ = ("stream", "peer")
+
+    def __init__(self, stream: trio.abc.Stream, peer: str = "") -> None:
+        self.stream = stream
+        self.peer = peer
+
+    async def recv_into(self, view) -> int:
+        data = await self.stream.receive_some(len(view))
+        n = len(data)
+        view[:n] = data
+        return n
+
+    def try_send(self, view) -> int:
+        return 0
+
+    async def write_some(self, views) -> int:
+        data = b"".join(views)
+        await self.stream.send_all(data)
+        return len(data)
+
+    async def send_all(self, data) -> None:
+        await self.stream.send_all(bytes(data))
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+# -- listening -------------------------------------------------------------------
+
+# accept() errors that concern one connection or a passing shortage, not the listener
+_ACCEPT_TRANSIENT = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+_ACCEPT_RESOURCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def listen_tcp(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
+    """A non-blocking listening socket; ``host`` may be an IPv4/IPv6 literal or a name."""
+    host = host.strip("[]")
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host in ("::", ""):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def accept_loop(lsock: socket.socket, handler, nursery: trio.Nursery, log) -> None:
+    """Accept forever, starting ``handler(sock, addr)`` in ``nursery`` for each connection."""
+    while True:
+        try:
+            sock, addr = lsock.accept()
+        except BlockingIOError:
+            await wait_readable(lsock)
+            continue
+        except OSError as exc:
+            if exc.errno in _ACCEPT_TRANSIENT:
+                continue
+            if exc.errno in _ACCEPT_RESOURCE:
+                log.warning("cannot accept connections: %s; pausing 100 ms", exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            raise
+        tune_socket(sock)
+        nursery.start_soon(handler, sock, addr)
+        await checkpoint()
