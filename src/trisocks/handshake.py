@@ -93,6 +93,8 @@ async def read_request(sock, *, timeout: float = 10.0) -> Request | None:
         raise HandshakeError(408, "request head not received in time")
     end = raw.find(b"\r\n\r\n")
     head_len = end + 4 if end >= 0 else len(raw)
+    if head_len > MAX_HEAD:
+        raise HandshakeError(431, "request head too large")
     target = event.target.decode("latin-1")
     parts = urlsplit(target)
     query = {k: v[0] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}

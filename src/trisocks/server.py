@@ -18,7 +18,7 @@ import trio
 from . import protocol, socks5
 from ._version import __version__
 from .channel import OPENING
-from .codec import Decoder, ProtocolError
+from .codec import OP_BINARY, OP_CLOSE, Decoder, ProtocolError, encode_frame
 from .dial import dial_tcp
 from .errors import MessageError
 from .handshake import HandshakeError, Request, accept_websocket, error_response, read_request, response
@@ -112,7 +112,12 @@ class Server:
                 first = await read_message(transport, decoder, timeout=self.config.auth_timeout,
                                            client_side=False)
                 msg = protocol.parse(first)
-            except (trio.TooSlowError, EOFError, ProtocolError, MessageError, OSError) as exc:
+            except ProtocolError as exc:
+                log.info("client %s broke the WebSocket framing before authenticating: %s",
+                         peer, exc.reason)
+                await self._close(transport, exc.close_code, exc.reason)
+                return
+            except (trio.TooSlowError, EOFError, MessageError, OSError) as exc:
                 log.info("client %s did not authenticate: %s", peer, exc or "timeout")
                 await self._refuse(transport, "invalid auth message")
                 return
@@ -143,13 +148,16 @@ class Server:
             log.info("forward client %s gone: %s", peer, session.close_reason or "closed")
 
     async def _refuse(self, transport, error: str) -> None:
-        from .codec import OP_BINARY, OP_CLOSE, encode_frame
+        """Failed authentication: an AuthResponse saying why, then close (policy violation)."""
+        reply = encode_frame(OP_BINARY, protocol.pack(protocol.AuthResponse(False, error)))
+        await self._close(transport, 1008, error, before=reply)
 
+    async def _close(self, transport, code: int, reason: str, before: bytes = b"") -> None:
         try:
-            await transport.send_all(
-                encode_frame(OP_BINARY, protocol.pack(protocol.AuthResponse(False, error)))
-                + encode_frame(OP_CLOSE, (1008).to_bytes(2, "big") + error.encode())
-            )
+            with trio.move_on_after(5):
+                await transport.send_all(
+                    before + encode_frame(OP_CLOSE, code.to_bytes(2, "big") + reason.encode()[:120])
+                )
         except OSError:
             pass
 
