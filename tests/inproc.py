@@ -110,11 +110,36 @@ async def socks_connect(socks_port: int, host: str, port: int, *, auth: tuple[st
         code, _host, _port = await read(socks5.parse_reply)
         if code != socks5.SUCCEEDED:
             raise Socks5Failure(code)
-        assert not buf
-        return stream
+        return Prefixed(stream, bytes(buf)) if buf else stream
     except BaseException:
         await stream.aclose()
         raise
+
+
+class Prefixed(trio.abc.HalfCloseableStream):
+    """A stream that first returns bytes already read past the SOCKS5 reply."""
+
+    def __init__(self, stream: trio.SocketStream, first: bytes) -> None:
+        self.stream = stream
+        self.first = first
+
+    async def receive_some(self, max_bytes=None):
+        if self.first:
+            data, self.first = self.first, b""
+            return data
+        return await self.stream.receive_some(max_bytes)
+
+    async def send_all(self, data) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
 
 
 class Socks5Failure(Exception):

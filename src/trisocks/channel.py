@@ -208,6 +208,9 @@ class Channel:
             self._remote_done.set()  # no linger: nothing more can be written
         self._pump_scope.cancel()
 
+    def on_datagram(self, msg: protocol.Data) -> None:
+        log.debug("%r: UDP data on a TCP channel ignored", self)
+
     # -- credit ------------------------------------------------------------------
     def add_credit(self, n: int) -> None:
         self.credit += n

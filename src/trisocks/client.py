@@ -1,11 +1,16 @@
-"""The tunnel client, forward mode: a local SOCKS5 port whose connections leave from the server.
+"""The tunnel client: forward client, connector, or provider.
 
-The client keeps ``threads`` WebSocket sessions up (reconnecting with capped,
-jittered exponential backoff) and spreads new channels over the live ones.
-Each SOCKS5 CONNECT becomes a channel: Connect, wait for the server's
-ConnectResponse, answer the SOCKS5 client, then relay. With no live session a
-SOCKS5 client gets a prompt failure instead of a hang. A refused token ends
-the client: retrying cannot fix it.
+* **forward client / connector**: a local SOCKS5 port; each CONNECT becomes a
+  channel on one of our sessions to the server (the server dials the target,
+  or, for a connector token, hands the channel to a provider).
+* **provider** (``reverse``): no local port; the server sends us Connect
+  requests and we dial the targets (:class:`~trisocks.egress.Egress`). With
+  ``connector_token`` we also register that token with the server (autonomy
+  mode).
+
+The client keeps ``threads`` WebSocket sessions up, reconnecting with capped,
+jittered exponential backoff, and spreads new channels over the live ones. A
+refused token ends the client: retrying cannot fix it.
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
-from . import protocol, socks5
-from .channel import Channel
-from .codec import Decoder, ProtocolError
+from . import protocol
+from .codec import OP_BINARY, Decoder, ProtocolError, encode_frame
 from .dial import dial_tcp
+from .egress import Egress
 from .errors import AuthError, MessageError, TunnelError
 from .handshake import HandshakeError, client_handshake, parse_window
+from .ingress import Ingress
+from .pool import SessionPool
 from .session import DEFAULT_WINDOW, Handler, Session, read_message
 from .socks_server import Credentials, SocksServer
 from .tokens import redact
-from .transport import SocketTransport, close_socket, sock_sendall
+from .transport import SocketTransport, close_socket
 
 log = logging.getLogger("trisocks.client")
 
@@ -37,6 +44,8 @@ SESSION_WAIT = 2.0  # how long a SOCKS5 request waits for a (re)connecting sessi
 class ClientConfig:
     url: str = "ws://localhost:8765"
     token: str = "anonymous"
+    reverse: bool = False  # provider: the server sends us Connect requests
+    connector_token: str = ""  # provider: register this connector token (autonomy mode)
     socks_host: str = "127.0.0.1"
     socks_port: int = 9870
     socks_username: str = ""
@@ -44,8 +53,10 @@ class ClientConfig:
     socks_wait_server: bool = True  # open the SOCKS5 port only once connected (linksocks default)
     reconnect: bool = True
     threads: int = 1
+    fast_open: bool = False
     connect_timeout: float = 20.0  # waiting for ConnectResponse (the server dials with its own timeout)
     dial_timeout: float = 15.0  # reaching the WebSocket server
+    target_timeout: float = 10.0  # provider: reaching a target
     window: int = DEFAULT_WINDOW
     max_message: int = 32 << 20
     backoff_initial: float = 1.0
@@ -93,6 +104,34 @@ def parse_url(url: str) -> Endpoint:
     return Endpoint(scheme, parts.hostname, port, resource)
 
 
+class ProviderHandler(Egress):
+    """A provider's sessions: dial for the server, and hear about connector tokens and partners."""
+
+    def __init__(self, client: Client, **kw) -> None:
+        super().__init__(**kw)
+        self.client = client
+
+    def on_partners(self, session: Session, count: int) -> None:
+        if count != self.client.partners:
+            log.info("%d connector client(s) now use this provider's token", count)
+        self.client.partners = count
+
+    def on_connector_response(self, session: Session, msg: protocol.ConnectorResponse) -> None:
+        self.client.on_connector_response(msg)
+
+
+class ConnectorHandler(Handler):
+    """A forward client's or connector's sessions: the server may tell us how many providers there are."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def on_partners(self, session: Session, count: int) -> None:
+        if count != self.client.partners:
+            log.info("%d provider(s) behind this connector token", count)
+        self.client.partners = count
+
+
 class Client:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
@@ -100,24 +139,43 @@ class Client:
         if self.endpoint.scheme == "wss":
             raise ValueError("wss:// URLs need TLS support, which this build does not have yet")
         self.instance = protocol.new_channel_id()
-        self.sessions: list[Session] = []
-        self._up = trio.Event()
-        self._rr = 0
+        self.pool = SessionPool("server")
+        self.partners = 0
         self.socks_port: int | None = None
         self.socks: SocksServer | None = None
-        self.handler = Handler()
+        self._connector_replies: dict[bytes, trio.Event] = {}
+        self._connector_results: dict[bytes, protocol.ConnectorResponse] = {}
+        if config.reverse:
+            self.handler: Handler = ProviderHandler(self, connect_timeout=config.target_timeout)
+            self.ingress = None
+        else:
+            self.handler = ConnectorHandler(self)
+            self.ingress = Ingress(self.pool, wait_timeout=SESSION_WAIT,
+                                   connect_timeout=config.connect_timeout,
+                                   fast_open=config.fast_open)
+
+    @property
+    def sessions(self) -> list[Session]:
+        return self.pool.sessions
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled; raises AuthError for a refused token, TunnelError with -R on loss."""
+        """Run until cancelled; raises AuthError for a refused token, TunnelError with -R on loss.
+
+        ``task_status.started`` gets the SOCKS5 port (forward) or None (provider, once connected).
+        """
         cfg = self.config
-        creds = Credentials(cfg.socks_username, cfg.socks_password) if cfg.socks_username else None
-        self.socks = SocksServer(cfg.socks_host, cfg.socks_port, on_connect=self._on_socks_connect,
-                                 credentials=creds, name="SOCKS5")
         async with trio.open_nursery() as nursery:
             for slot in range(max(1, cfg.threads)):
                 nursery.start_soon(self._keep_connected, slot)
+            if self.ingress is None:
+                await self.pool.wait_nonempty()
+                task_status.started(None)
+                return
+            creds = Credentials(cfg.socks_username, cfg.socks_password) if cfg.socks_username else None
+            self.socks = SocksServer(cfg.socks_host, cfg.socks_port, on_connect=self.ingress.on_connect,
+                                     credentials=creds, name="SOCKS5")
             if cfg.socks_wait_server:
-                await self._up.wait()
+                await self.pool.wait_nonempty()
             self.socks_port = await nursery.start(self.socks.serve)
             log.info("SOCKS5 proxy listening on %s:%d%s", cfg.socks_host, self.socks_port,
                      " (username/password required)" if creds else "")
@@ -143,17 +201,21 @@ class Client:
                 delay = min(delay * 2, cfg.backoff_max)
                 continue
             delay = cfg.backoff_initial
-            self.sessions.append(session)
-            self._up.set()
-            try:
-                await session.run()
-            finally:
-                self.sessions.remove(session)
-                if not self.sessions:
-                    self._up = trio.Event()
+            async with trio.open_nursery() as nursery:
+                if cfg.reverse and cfg.connector_token:
+                    nursery.start_soon(self._register_connector, session)
+                await self._run_session(session)
+                nursery.cancel_scope.cancel()
             if not cfg.reconnect:
                 raise TunnelError(f"disconnected from server: {session.close_reason}")
             log.warning("connection %d to server lost (%s); reconnecting", slot, session.close_reason)
+
+    async def _run_session(self, session: Session) -> None:
+        self.pool.add(session)
+        try:
+            await session.run()
+        finally:
+            self.pool.remove(session)
 
     async def connect(self) -> Session:
         """Dial, upgrade and authenticate one WebSocket session."""
@@ -170,9 +232,7 @@ class Client:
                 name=f"server {ep.display}", peer_window=parse_window(headers.get("x-trisocks-flow")),
                 recv_window=cfg.window, ping_interval=cfg.ping_interval, idle_timeout=cfg.idle_timeout,
             )
-            auth = protocol.Auth(cfg.token, False, self.instance)
-            from .codec import OP_BINARY, encode_frame
-
+            auth = protocol.Auth(cfg.token, cfg.reverse, self.instance)
             await transport.send_all(encode_frame(OP_BINARY, protocol.pack(auth), session.mask_key()))
             reply = protocol.parse(await read_message(transport, decoder, timeout=cfg.dial_timeout,
                                                       client_side=True))
@@ -186,62 +246,41 @@ class Client:
             close_socket(sock)
             hint = " (no token given: use -t or TRISOCKS_TOKEN)" if cfg.token == "anonymous" else ""
             raise AuthError(f"server refused token {redact(cfg.token)}: {reply.error or 'invalid token'}{hint}")
-        log.info("connected to %s%s", ep.display,
+        role = "provider" if cfg.reverse else "client"
+        log.info("connected to %s as %s%s", ep.display, role,
                  " (trisocks flow control)" if session.peer_window else "")
         return session
 
-    def pick_session(self) -> Session | None:
-        live = self.sessions
-        if not live:
-            return None
-        self._rr = (self._rr + 1) % len(live)
-        return live[self._rr]
+    # -- autonomy: connector tokens a provider manages ------------------------------------
+    async def _register_connector(self, session: Session) -> None:
+        ok, detail = await self.manage_connector(session, self.config.connector_token, protocol.ADD)
+        if ok:
+            log.info("connector token %s registered", redact(detail or self.config.connector_token))
+        else:
+            log.error("server refused connector token %s: %s", redact(self.config.connector_token),
+                      detail)
 
-    async def wait_session(self, timeout: float) -> Session | None:
-        if not self.sessions:
-            with trio.move_on_after(timeout):
-                await self._up.wait()
-        return self.pick_session()
-
-    # -- SOCKS5 ------------------------------------------------------------------------
-    async def _on_socks_connect(self, sock, request: socks5.Request, early: bytes) -> None:
-        session = await self.wait_session(SESSION_WAIT)
-        if session is None:
-            await _send_reply(sock, socks5.NETWORK_UNREACHABLE)
-            return
-        ch = session.open_channel(f"{request.host}:{request.port}")
+    async def manage_connector(self, session: Session, token: str, operation: int,
+                               timeout: float = 10.0) -> tuple[bool, str]:
+        """Ask the server to add or remove a connector token; (success, token or error)."""
+        request_id = protocol.new_channel_id()
+        done = self._connector_replies[request_id] = trio.Event()
         try:
-            await self._relay(session, ch, sock, request, early)
-        except trio.ClosedResourceError:
-            pass
+            session.send(protocol.Connector(request_id, token, operation))
+            with trio.move_on_after(timeout):
+                await done.wait()
         finally:
-            ch.finish()
+            self._connector_replies.pop(request_id, None)
+        reply = self._connector_results.pop(request_id, None)
+        if reply is None:
+            return False, "no answer from server"
+        return reply.success, (reply.token if reply.success else reply.error)
 
-    async def _relay(self, session: Session, ch: Channel, sock, request, early: bytes) -> None:
-        session.send(protocol.Connect(protocol.TCP, ch.id, request.host, request.port))
-        resp = await ch.wait_response(self.config.connect_timeout)
-        if resp is None or not resp.success:
-            if resp is None:
-                code = socks5.TTL_EXPIRED if session.nursery and not session.closed.is_set() else \
-                    socks5.NETWORK_UNREACHABLE
-                session.send_if_open(protocol.Disconnect(ch.id, "connect timeout"))
-            else:
-                code = socks5.reply_for_error_text(resp.error)
-            log.debug("CONNECT %s failed: %s", ch.target, resp.error if resp else "no answer")
-            await _send_reply(sock, code)
-            return
-        await sock_sendall(sock, socks5.reply(socks5.SUCCEEDED))
-        ch.attach(sock)
-        if early:
-            await ch.send_early(early)
-        await ch.run()
-
-
-async def _send_reply(sock, code: int) -> None:
-    try:
-        await sock_sendall(sock, socks5.reply(code))
-    except OSError:
-        pass
+    def on_connector_response(self, msg: protocol.ConnectorResponse) -> None:
+        done = self._connector_replies.get(msg.channel)
+        if done is not None:
+            self._connector_results[msg.channel] = msg
+            done.set()
 
 
 def _describe(exc: BaseException) -> str:

@@ -51,11 +51,18 @@ class Outbox:
         if self._closed:
             raise trio.ClosedResourceError("WebSocket is closed") from self._error
 
+    def _try_send(self, frame) -> int:
+        try:
+            return self._transport.try_send(frame)
+        except OSError as exc:
+            self._fail(exc)
+            raise trio.ClosedResourceError("WebSocket is closed") from exc
+
     def send_nowait(self, frame: bytes) -> None:
         """Queue a frame the outbox may keep (it is not reused by the caller)."""
         self._check()
         if not self._queue:
-            n = self._transport.try_send(frame)
+            n = self._try_send(frame)
             if n == len(frame):
                 self.sent_frames += 1
                 return
@@ -69,7 +76,7 @@ class Outbox:
         """Send a frame from a buffer the caller will reuse; return when the kernel has it."""
         self._check()
         if not self._queue:
-            n = self._transport.try_send(frame)
+            n = self._try_send(frame)
             if n == len(frame):
                 self.sent_frames += 1
                 return
@@ -137,6 +144,7 @@ class Outbox:
 
     def _fail(self, exc: BaseException) -> None:
         self._closed = True
+        self._work.unpark_all()
         self._error = exc
         for item in self._queue:
             if item[1] is not None:

@@ -2,28 +2,39 @@
 
 Front door: every connection's request head is read once (h11). Upgrades on
 ``/socket`` become sessions; ``GET /`` says the server is running; anything
-else gets a plain HTTP error. After the 101 the client authenticates, with
-an Auth message or with ``?token=<sha256 hex>`` in the URL, and its session
-serves channels: forward clients ask us to dial targets.
+else gets a plain HTTP error. After the 101 the client authenticates, with an
+Auth message or with ``?token=<sha256 hex>`` in the URL, and its token decides
+its role:
+
+* **forward** token: the client asks, we dial targets (:class:`Egress`).
+* **reverse** token, client says reverse: a *provider*. Each reverse token has
+  a :class:`ReverseService`: a SOCKS5 port whose connections go round-robin to
+  its providers.
+* **connector** token: the client's channels are relayed to a provider of the
+  reverse token behind it (:mod:`trisocks.bridge`). In autonomy mode providers
+  create connector tokens themselves, and those reach only their creator.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
-from . import protocol, socks5
+from . import protocol
 from ._version import __version__
-from .channel import OPENING
+from .bridge import Bridge
 from .codec import OP_BINARY, OP_CLOSE, Decoder, ProtocolError, encode_frame
-from .dial import dial_tcp
+from .egress import Egress, direct_dialer
 from .errors import MessageError
 from .handshake import HandshakeError, Request, accept_websocket, error_response, read_request, response
+from .ingress import Ingress
+from .pool import SessionPool
 from .session import DEFAULT_WINDOW, Handler, Session, read_message
-from .tokens import FORWARD, TokenTable, redact
+from .socks_server import Credentials, SocksServer
+from .tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, TokenTable, generate, redact
 from .transport import SocketTransport, accept_loop, close_socket, listen_tcp, sock_sendall
 
 log = logging.getLogger("trisocks.server")
@@ -35,12 +46,20 @@ WS_PATHS = ("/socket", "/socket/")
 class ServerConfig:
     ws_host: str = "0.0.0.0"
     ws_port: int = 8765
-    connect_timeout: float = 10.0
+    connect_timeout: float = 10.0  # dialing a target (forward mode)
     auth_timeout: float = 15.0
     max_message: int = 32 << 20
     window: int = DEFAULT_WINDOW  # flow-control credit granted to trisocks peers (0: off)
     ping_interval: float = 30.0
+    provider_ping_interval: float = 10.0  # providers are pinged more often: liveness for load balancing
     idle_timeout: float = 90.0
+    # reverse mode
+    socks_host: str = "127.0.0.1"
+    socks_nowait: bool = False  # open a reverse token's SOCKS5 port before any provider is there
+    provider_wait: float = 10.0  # a SOCKS5 request waits this long for a provider
+    provider_answer: float = 20.0  # ...and this long for the provider's ConnectResponse
+    fast_open: bool = False
+    dialer: object = field(default=direct_dialer)
 
 
 class Server:
@@ -48,20 +67,71 @@ class Server:
         self.config = config
         self.tokens = tokens
         self.port = config.ws_port
-        self.sessions: set[Session] = set()
-        self.forward = ForwardHandler(self)
+        self.sessions: dict[Session, TokenInfo] = {}
+        self.services: dict[str, ReverseService] = {}
+        self.egress = Egress(dialer=config.dialer, connect_timeout=config.connect_timeout)
+        self._nursery: trio.Nursery | None = None
+        self.ready = trio.Event()
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         lsock = listen_tcp(self.config.ws_host, self.config.ws_port)
         try:
             self.port = lsock.getsockname()[1]
-            log.info("trisocks %s listening on %s:%d (WebSocket path /socket)",
-                     __version__, self.config.ws_host, self.port)
-            task_status.started(self.port)
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for info in self.tokens.of_kind(REVERSE):
+                    await self._start_service(info)
+                log.info("trisocks %s listening on %s:%d (WebSocket path /socket)",
+                         __version__, self.config.ws_host, self.port)
+                self.ready.set()
+                task_status.started(self.port)
                 await accept_loop(lsock, self._handle, nursery, log)
         finally:
             close_socket(lsock)
+
+    # -- tokens --------------------------------------------------------------------------
+    async def add_reverse_token(self, token: str | None = None, *, port: int | None = None,
+                                username: str = "", password: str = "",
+                                allow_manage_connector: bool = False) -> TokenInfo:
+        """Add a reverse token at run time; its SOCKS5 port is bound at once and reported."""
+        info = self.tokens.add(TokenInfo(token or generate(), REVERSE, port=port, username=username,
+                                         password=password,
+                                         allow_manage_connector=allow_manage_connector))
+        if self._nursery is not None:
+            await self._start_service(info)
+        return info
+
+    def add_connector_token(self, token: str | None, reverse_token: str, owner: bytes = b"") -> TokenInfo:
+        rev = self.tokens.get(reverse_token)
+        if rev is None or rev.kind != REVERSE:
+            raise ValueError("reverse token not found")
+        info = self.tokens.add(TokenInfo(token or generate(), CONNECTOR, reverse_token=reverse_token,
+                                         owner=owner))
+        return info
+
+    def remove_token(self, token: str) -> TokenInfo | None:
+        """Forget a token, disconnect its clients and (reverse) close its SOCKS5 port."""
+        info = self.tokens.remove(token)
+        if info is None:
+            return None
+        doomed = [info]
+        if info.kind == REVERSE:
+            doomed += self.tokens.connectors_of(info.token)
+            for c in doomed[1:]:
+                self.tokens.remove(c.token)
+            service = self.services.pop(info.token, None)
+            if service is not None:
+                service.stop()
+        for session, owner in list(self.sessions.items()):
+            if any(owner is d for d in doomed):
+                session.close(1008, "token removed")
+        return info
+
+    async def _start_service(self, info: TokenInfo) -> None:
+        service = ReverseService(self, info)
+        self.services[info.token] = service
+        port = await self._nursery.start(service.run)
+        info.port = port
 
     # -- front door ------------------------------------------------------------------
     async def _handle(self, sock, addr) -> None:
@@ -86,6 +156,9 @@ class Server:
                 await _reply(sock, error_response(404, "not found"))
         except OSError as exc:
             log.debug("connection from %s failed: %s", peer, exc)
+        except Exception as exc:  # a bug must cost one connection, never the server
+            log.error("connection from %s failed unexpectedly: %r", peer, exc)
+            log.debug("details", exc_info=True)
         finally:
             close_socket(sock)
 
@@ -100,12 +173,11 @@ class Server:
         decoder = Decoder(expect_masked=True, max_message=self.config.max_message)
         decoder.feed_bytes(req.leftover)
 
-        info = None
-        reverse = False
         if "token" in req.query:
-            info = self.tokens.get_by_digest(req.query["token"]) if len(req.query["token"]) == 64 else None
+            digest_param = req.query["token"]
+            info = self.tokens.get_by_digest(digest_param) if len(digest_param) == 64 else None
             reverse = req.query.get("reverse", "false").lower() in ("true", "1")
-            _parse_instance(req.query.get("instance", ""))
+            instance = _parse_instance(req.query.get("instance", ""))
             how = "URL"
         else:
             try:
@@ -125,27 +197,45 @@ class Server:
                 await self._refuse(transport, "invalid auth message")
                 return
             info = self.tokens.get(msg.token)
-            reverse = msg.reverse
+            reverse, instance = msg.reverse, msg.instance
             how = "Auth message"
-        if info is None or info.kind != FORWARD or reverse:
+
+        role = _role(info, reverse)
+        if role is None:
             log.warning("authentication failed from %s (%s)", peer, how)
             await self._refuse(transport, "invalid token")
             return
-
+        service = None
+        if role != FORWARD:
+            service = self.services.get(info.token if role == REVERSE else info.reverse_token)
+            if service is None:
+                await self._refuse(transport, "invalid token")
+                return
+        if role == FORWARD:
+            handler: Handler = self.egress
+        elif role == REVERSE:
+            handler = ProviderSide(service, instance)
+        else:
+            handler = ConnectorSide(service, info)
         session = Session(
-            transport, decoder, client_side=False, handler=self.forward,
-            name=f"client {peer}", peer_window=peer_window, recv_window=self.config.window,
-            ping_interval=self.config.ping_interval, idle_timeout=self.config.idle_timeout,
+            transport, decoder, client_side=False, handler=handler,
+            name=f"{'provider' if role == REVERSE else role} {peer}", peer_window=peer_window,
+            recv_window=self.config.window,
+            ping_interval=self.config.provider_ping_interval if role == REVERSE else self.config.ping_interval,
+            idle_timeout=self.config.idle_timeout,
         )
         session.send(protocol.AuthResponse(True))
-        log.info("forward client %s authenticated (token %s%s)", peer, redact(info.token),
+        log.info("%s authenticated (token %s%s)", session, redact(info.token),
                  ", trisocks flow control" if peer_window else "")
-        self.sessions.add(session)
+        self.sessions[session] = info
         try:
-            await session.run()
+            if service is None:
+                await session.run()
+            else:
+                await service.serve_session(session, role, instance, info)
         finally:
-            self.sessions.discard(session)
-            log.info("forward client %s gone: %s", peer, session.close_reason or "closed")
+            del self.sessions[session]
+            log.info("%s gone: %s", session, session.close_reason or "closed")
 
     async def _refuse(self, transport, error: str) -> None:
         """Failed authentication: an AuthResponse saying why, then close (policy violation)."""
@@ -162,39 +252,164 @@ class Server:
             pass
 
 
-class ForwardHandler(Handler):
-    """Forward mode: the client asks, we dial the target and relay."""
+def _role(info: TokenInfo | None, reverse: bool) -> str | None:
+    """What a client may be with this token and this reverse flag (None: refused)."""
+    if info is None:
+        return None
+    if info.kind == FORWARD and not reverse:
+        return FORWARD
+    if info.kind == REVERSE and reverse:
+        return REVERSE
+    if info.kind == CONNECTOR and not reverse:
+        return CONNECTOR
+    return None
 
-    def __init__(self, server: Server) -> None:
+
+class ReverseService:
+    """One reverse token: its providers, its SOCKS5 port, and the connectors that reach them."""
+
+    def __init__(self, server: Server, info: TokenInfo) -> None:
+        cfg = server.config
         self.server = server
+        self.info = info
+        self.pool = SessionPool(f"providers of {redact(info.token)}")
+        self.by_instance: dict[bytes, SessionPool] = {}  # autonomy: each provider's own pool
+        self.connectors: set[Session] = set()
+        self.ingress = Ingress(self.pool, wait_timeout=cfg.provider_wait,
+                               connect_timeout=cfg.provider_answer, fast_open=cfg.fast_open,
+                               name=f"SOCKS5 of {redact(info.token)}")
+        creds = Credentials(info.username, info.password) if info.username else None
+        self.socks = SocksServer(cfg.socks_host, info.port or 0, on_connect=self.ingress.on_connect,
+                                 credentials=creds, name=f"SOCKS5 of {redact(info.token)}")
+        self._scope = trio.CancelScope()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with self._scope:
+            try:
+                port = self.socks.bind()
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {self.socks.host}:{self.socks.port} for "
+                              f"reverse token {redact(self.info.token)}: {exc.strerror}") from None
+            log.info("reverse token %s: SOCKS5 port %s:%d%s", redact(self.info.token),
+                     self.socks.host, port,
+                     "" if self.server.config.socks_nowait else " (opens when a provider connects)")
+            task_status.started(port)
+            try:
+                if not self.server.config.socks_nowait:
+                    await self.pool.wait_nonempty()
+                await self.socks.serve()
+            finally:
+                self.socks.close()
+
+    def stop(self) -> None:
+        self._scope.cancel()
+        for session in list(self.pool) + list(self.connectors):
+            session.close(1008, "token removed")
+
+    async def serve_session(self, session: Session, role: str, instance: bytes, info: TokenInfo) -> None:
+        if role == REVERSE:
+            own = self.by_instance.setdefault(instance, SessionPool("provider instance"))
+            self.pool.add(session)
+            own.add(session)
+            self._tell_partners()
+            try:
+                await session.run()
+            finally:
+                # The instance's pool stays: connectors of tokens it created wait for it to
+                # come back (a provider reconnecting keeps its connector tokens).
+                self.pool.remove(session)
+                own.remove(session)
+                self._tell_partners()
+        else:
+            self.connectors.add(session)
+            self._tell_partners()
+            try:
+                await session.run()
+            finally:
+                self.connectors.discard(session)
+                self._tell_partners()
+
+    def pool_for(self, connector: TokenInfo) -> SessionPool:
+        if connector.owner:
+            return self.by_instance.setdefault(connector.owner, SessionPool("provider instance"))
+        return self.pool
+
+    def _tell_partners(self) -> None:
+        providers = protocol.Partners(len(self.pool))
+        for session in list(self.connectors):
+            session.send_if_open(providers)
+        connectors = protocol.Partners(len(self.connectors))
+        for session in list(self.pool):
+            session.send_if_open(connectors)
+
+
+class ProviderSide(Handler):
+    """A provider's session, seen from the server: it answers our Connects and may manage tokens."""
+
+    def __init__(self, service: ReverseService, instance: bytes) -> None:
+        self.service = service
+        self.instance = instance
 
     def on_connect(self, session: Session, msg: protocol.Connect) -> None:
-        if msg.protocol != protocol.TCP:
-            session.send(protocol.ConnectResponse(False, msg.channel, "udp not supported"))
-            return
-        ch = session.accept_channel(msg.channel, f"{msg.address}:{msg.port}")
-        if ch is not None:
-            session.nursery.start_soon(self._dial_and_relay, session, ch, msg)
+        session.send(protocol.ConnectResponse(False, msg.channel, "providers do not open channels"))
 
-    async def _dial_and_relay(self, session: Session, ch, msg: protocol.Connect) -> None:
-        try:
+    def on_connector(self, session: Session, msg: protocol.Connector) -> None:
+        service = self.service
+        server = service.server
+        if not service.info.allow_manage_connector:
+            session.send(protocol.ConnectorResponse(msg.channel, False, "connector management not allowed"))
+            return
+        if msg.operation == protocol.ADD:
+            existing = server.tokens.get(msg.token) if msg.token else None
+            if existing is not None and not (existing.kind == CONNECTOR and existing.owner == self.instance):
+                session.send(protocol.ConnectorResponse(msg.channel, False, "token already exists"))
+                return
             try:
-                sock = await dial_tcp(msg.address, msg.port, timeout=self.server.config.connect_timeout)
-            except (OSError, trio.TooSlowError) as exc:
-                code = socks5.reply_for_exception(exc)
-                log.debug("%s: connect to %s failed: %s", session, ch.target, exc or "timeout")
-                session.send_if_open(protocol.ConnectResponse(False, ch.id, socks5.error_text(code)))
+                info = existing or server.add_connector_token(msg.token or None, service.info.token,
+                                                              owner=self.instance)
+            except ValueError as exc:
+                session.send(protocol.ConnectorResponse(msg.channel, False, str(exc)))
                 return
-            if ch.state != OPENING:  # the peer gave up while we were dialing
-                close_socket(sock)
+            log.info("provider %s added connector token %s", session, redact(info.token))
+            session.send(protocol.ConnectorResponse(msg.channel, True, token=info.token))
+        else:
+            info = server.tokens.get(msg.token)
+            if info is None or info.kind != CONNECTOR or info.owner != self.instance:
+                session.send(protocol.ConnectorResponse(msg.channel, False, "token not found"))
                 return
-            session.send(protocol.ConnectResponse(True, ch.id))
-            ch.attach(sock)
-            await ch.run()
-        except trio.ClosedResourceError:
-            pass
-        finally:
-            ch.finish()
+            server.remove_token(info.token)
+            log.info("provider %s removed connector token %s", session, redact(info.token))
+            session.send(protocol.ConnectorResponse(msg.channel, True))
+
+
+class ConnectorSide(Handler):
+    """A connector's session: its channels are relayed to a provider."""
+
+    def __init__(self, service: ReverseService, info: TokenInfo) -> None:
+        self.service = service
+        self.info = info
+
+    def on_connect(self, session: Session, msg: protocol.Connect) -> None:
+        target = f"{msg.address}:{msg.port}" if msg.protocol == protocol.TCP else "udp"
+        bridge = Bridge(session, msg.channel, target)
+        session.channels[msg.channel] = bridge.connector
+        session.nursery.start_soon(self._link, session, bridge, msg)
+
+    async def _link(self, session: Session, bridge: Bridge, msg: protocol.Connect) -> None:
+        pool = self.service.pool_for(self.info)
+        provider = await pool.wait_pick(self.service.server.config.provider_wait)
+        if bridge.connector.state:
+            return  # the connector gave up meanwhile
+        if provider is None:
+            session.send_if_open(protocol.ConnectResponse(False, msg.channel, "no provider available"))
+            bridge.connector.finish()
+            return
+        if msg.channel in provider.channels:
+            session.send_if_open(protocol.ConnectResponse(False, msg.channel, "channel id in use"))
+            bridge.connector.finish()
+            return
+        provider.send_if_open(msg)  # the Connect goes first, then any bytes the connector sent early
+        bridge.attach_provider(provider)
 
 
 def _parse_instance(text: str) -> bytes:

@@ -37,9 +37,6 @@ class Handler:
     def on_connect(self, session: Session, msg: protocol.Connect) -> None:
         session.send(protocol.ConnectResponse(False, msg.channel, "not allowed"))
 
-    def on_udp_data(self, session: Session, channel: Channel, msg: protocol.Data) -> None:
-        log.debug("%s: UDP data for a TCP channel ignored", session)
-
     def on_connector(self, session: Session, msg: protocol.Connector) -> None:
         session.send(protocol.ConnectorResponse(msg.channel, False, "not allowed"))
 
@@ -112,8 +109,15 @@ class Session:
             pass
 
     def ping(self) -> None:
-        self._ping_sent_at = trio.current_time()
+        if self._ping_sent_at is None:  # an unanswered ping keeps its time: that is the liveness test
+            self._ping_sent_at = trio.current_time()
         self.outbox.send_nowait(codec.encode_frame(codec.OP_PING, b"trisocks", self.mask_key()))
+
+    def responsive(self, now: float, grace: float) -> bool:
+        """Open, and not sitting on a ping older than ``grace`` seconds."""
+        if self.closed.is_set() or self.close_reason:
+            return False
+        return self._ping_sent_at is None or now - self._ping_sent_at < grace
 
     # -- channels ------------------------------------------------------------------
     def open_channel(self, target: str = "") -> Channel:
@@ -267,7 +271,7 @@ class Session:
                 if ch.deliver(msg.data):
                     await self._wait_space(ch)
             else:
-                self.handler.on_udp_data(self, ch, msg)
+                ch.on_datagram(msg)
         elif kind is protocol.WindowUpdate:
             ch = self.channels.get(msg.channel)
             if ch is not None:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from . import socks5
-from .transport import accept_loop, close_socket, listen_tcp, sock_recv, sock_sendall
+from .transport import accept_loop, bind_tcp, close_socket, sock_recv, sock_sendall
 
 log = logging.getLogger("trisocks.socks")
 
@@ -57,16 +57,28 @@ class SocksServer:
         self.name = name
         self.connections = 0
         self.failures = 0
+        self._lsock = None
+
+    def bind(self) -> int:
+        """Take the port now (connections are refused until :meth:`serve`); returns it."""
+        if self._lsock is None:
+            self._lsock = bind_tcp(self.host, self.port)
+            self.port = self._lsock.getsockname()[1]
+        return self.port
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        lsock = listen_tcp(self.host, self.port)
+        self.bind()
+        lsock = self._lsock
         try:
-            self.port = lsock.getsockname()[1]
+            lsock.listen(4096)
             task_status.started(self.port)
             async with trio.open_nursery() as nursery:
                 await accept_loop(lsock, self._handle, nursery, log)
         finally:
-            close_socket(lsock)
+            self.close()
+
+    def close(self) -> None:
+        close_socket(self._lsock)
 
     async def _handle(self, sock, addr) -> None:
         self.connections += 1

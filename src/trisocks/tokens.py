@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 FORWARD = "forward"
 REVERSE = "reverse"
@@ -43,9 +43,10 @@ class TokenInfo:
     username: str = ""
     password: str = ""
     allow_manage_connector: bool = False
-    # connector tokens: the reverse token they reach
+    # connector tokens: the reverse token they reach, and in autonomy mode the
+    # instance id of the provider that created them (only it serves them)
     reverse_token: str = ""
-    connectors: set[str] = field(default_factory=set)
+    owner: bytes = b""
 
 
 class TokenTable:
@@ -87,3 +88,7 @@ class TokenTable:
 
     def of_kind(self, kind: str) -> list[TokenInfo]:
         return [t for t in self._by_digest.values() if t.kind == kind]
+
+    def connectors_of(self, reverse_token: str) -> list[TokenInfo]:
+        return [t for t in self._by_digest.values()
+                if t.kind == CONNECTOR and t.reverse_token == reverse_token]

@@ -161,6 +161,17 @@ _ACCEPT_RESOURCE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 
 def listen_tcp(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
     """A non-blocking listening socket; ``host`` may be an IPv4/IPv6 literal or a name."""
+    sock = bind_tcp(host, port)
+    try:
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A bound, non-blocking TCP socket, not listening yet: the port is ours, connections are refused."""
     host = host.strip("[]")
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, _, _, _, sockaddr = infos[0]
@@ -170,7 +181,6 @@ def listen_tcp(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
         if family == socket.AF_INET6 and host in ("::", ""):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(sockaddr)
-        sock.listen(backlog)
         sock.setblocking(False)
     except BaseException:
         sock.close()

@@ -1,0 +1,102 @@
+"""Ingress: where traffic enters. SOCKS5 requests become channels over a pool of sessions.
+
+A forward-mode client (its SOCKS5 port, its connections to the server), a
+reverse-mode server (one SOCKS5 port per reverse token, its providers) and a
+connector all do this: pick a session, send Connect, wait for the answer,
+reply to the SOCKS5 program, relay. With fast open the SOCKS5 program hears
+"succeeded" at once and its first bytes travel with the Connect; a failure
+that comes back later closes the channel.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from . import protocol, socks5
+from .channel import Channel
+from .pool import SessionPool
+from .transport import sock_sendall
+
+log = logging.getLogger("trisocks.ingress")
+
+
+class Ingress:
+    def __init__(self, pool: SessionPool, *, wait_timeout: float, connect_timeout: float = 20.0,
+                 fast_open: bool = False, name: str = "SOCKS5") -> None:
+        self.pool = pool
+        self.wait_timeout = wait_timeout  # for a session to appear (reconnects, no provider yet)
+        self.connect_timeout = connect_timeout  # for the peer's ConnectResponse
+        self.fast_open = fast_open
+        self.name = name
+        self.opened = 0
+        self.failed = 0
+
+    async def on_connect(self, sock, request: socks5.Request, early: bytes) -> None:
+        session = await self.pool.wait_pick(self.wait_timeout)
+        if session is None:
+            self.failed += 1
+            log.info("%s: no connection to carry CONNECT %s:%d", self.name, request.host, request.port)
+            await _send_reply(sock, socks5.NETWORK_UNREACHABLE)
+            return
+        ch = session.open_channel(f"{request.host}:{request.port}")
+        try:
+            if self.fast_open:
+                await self._relay_fast(session, ch, sock, request, early)
+            else:
+                await self._relay(session, ch, sock, request, early)
+        except trio.ClosedResourceError:
+            pass  # the session ended under us; the channel was aborted with it
+        finally:
+            ch.finish()
+
+    async def _relay(self, session, ch: Channel, sock, request, early: bytes) -> None:
+        session.send(protocol.Connect(protocol.TCP, ch.id, request.host, request.port))
+        resp = await ch.wait_response(self.connect_timeout)
+        if resp is None or not resp.success:
+            self.failed += 1
+            if resp is None:
+                alive = not session.closed.is_set() and not session.close_reason
+                code = socks5.TTL_EXPIRED if alive else socks5.NETWORK_UNREACHABLE
+                session.send_if_open(protocol.Disconnect(ch.id, "connect timeout"))
+            else:
+                code = socks5.reply_for_error_text(resp.error)
+            log.debug("%s: CONNECT %s failed: %s", self.name, ch.target,
+                      resp.error if resp else "no answer")
+            await _send_reply(sock, code)
+            return
+        self.opened += 1
+        await sock_sendall(sock, socks5.reply(socks5.SUCCEEDED))
+        ch.attach(sock)
+        if early:
+            await ch.send_early(early)
+        await ch.run()
+
+    async def _relay_fast(self, session, ch: Channel, sock, request, early: bytes) -> None:
+        session.send(protocol.Connect(protocol.TCP, ch.id, request.host, request.port))
+        await sock_sendall(sock, socks5.reply(socks5.SUCCEEDED))
+        ch.attach(sock)
+        if early:
+            await ch.send_early(early)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_response, ch, nursery.cancel_scope)
+            await ch.run()
+            nursery.cancel_scope.cancel()
+
+    async def _watch_response(self, ch: Channel, scope: trio.CancelScope) -> None:
+        resp = await ch.wait_response(self.connect_timeout)
+        if resp is not None and resp.success:
+            self.opened += 1
+            return
+        self.failed += 1
+        log.debug("%s: fast-open CONNECT %s failed: %s", self.name, ch.target,
+                  resp.error if resp else "no answer")
+        ch.fail(resp.error if resp else "connect timeout")
+
+
+async def _send_reply(sock, code: int) -> None:
+    try:
+        await sock_sendall(sock, socks5.reply(code))
+    except OSError:
+        pass
