@@ -65,6 +65,12 @@ def _add_debug(parser):
                         help="more logging: -d for debug, -dd for every message [env TRISOCKS_DEBUG=1|2]")
 
 
+def _add_list(parser, *flags, env: str, help: str, metavar: str):
+    parser.add_argument(*flags, action="append", metavar=metavar,
+                        default=[t for t in (_env(env) or "").split(",") if t],
+                        help=f"{help} [env TRISOCKS_{env}, comma-separated]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trisocks",
@@ -74,38 +80,92 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    s = sub.add_parser("server", formatter_class=_Formatter, help="run the tunnel server",
-                       description="Run the WebSocket server. Forward clients authenticate with a "
-                       "token and the server opens their connections.")
+    s = sub.add_parser(
+        "server", formatter_class=_Formatter, help="run the tunnel server",
+        description="Run the WebSocket server.\n\n"
+        "forward mode (default): clients authenticate with a token (-t) and the server opens\n"
+        "  their connections.\n"
+        "reverse mode (-r): providers authenticate with the token and the server offers a\n"
+        "  SOCKS5 port (-s/-p) whose connections leave through them; connector tokens (-c)\n"
+        "  let connector clients use the same providers, and with -a providers create their\n"
+        "  own connector tokens.")
     _add(s, "-H", "--ws-host", env="WS_HOST", default="0.0.0.0", help="address to listen on")
     _add(s, "-P", "--ws-port", env="WS_PORT", default=8765, type=int, help="port to listen on")
-    s.add_argument("-t", "--token", action="append", metavar="TOKEN",
-                   default=[t for t in (_env("TOKEN") or "").split(",") if t],
-                   help="forward token clients must present; repeat for several. One is generated "
-                   "and printed when none is given [env TRISOCKS_TOKEN, comma-separated]")
+    _add_list(s, "-t", "--token", env="TOKEN", metavar="TOKEN",
+              help="token clients must present (forward, or reverse with -r); repeat for several. "
+              "One is generated and printed when none is given")
+    _add_flag(s, "-r", "--reverse", env="REVERSE",
+              help="reverse mode: -t tokens are for providers, and each gets a SOCKS5 port")
+    _add(s, "-s", "--socks-host", env="SOCKS_HOST", default="127.0.0.1",
+         help="reverse mode: SOCKS5 listen address")
+    _add(s, "-p", "--socks-port", env="SOCKS_PORT", default=9870, type=int,
+         help="reverse mode: SOCKS5 port of the first token (0: any free port); further tokens "
+         "get free ports, reported at start")
+    _add(s, "-n", "--socks-username", env="SOCKS_USERNAME", default="",
+         help="reverse mode: SOCKS5 username clients must give (with -w)")
+    _add(s, "-w", "--socks-password", env="SOCKS_PASSWORD", default="",
+         help="reverse mode: SOCKS5 password clients must give (with -n)")
+    _add_flag(s, "-i", "--socks-nowait", env="SOCKS_NOWAIT",
+              help="reverse mode: open the SOCKS5 port at once, not when the first provider connects")
+    _add_list(s, "-c", "--connector-token", env="CONNECTOR_TOKEN", metavar="TOKEN",
+              help="reverse mode: a connector token for the (first) reverse token; connector "
+              "clients using it reach its providers. Repeat for several")
+    _add_flag(s, "-a", "--connector-autonomy", env="CONNECTOR_AUTONOMY",
+              help="reverse mode: providers may add and remove their own connector tokens, which "
+              "reach only them")
+    _add_flag(s, "-f", "--fast-open", env="FAST_OPEN",
+              help="reverse mode: answer SOCKS5 clients at once and send their data before the "
+              "provider has connected (see docs/fast-open.md)")
     _add(s, "--connect-timeout", env="CONNECT_TIMEOUT", default=10.0, type=float,
-         help="seconds to reach a target before the client is told it failed")
+         help="forward mode: seconds to reach a target before the client is told it failed")
     _add_debug(s)
 
-    c = sub.add_parser("client", formatter_class=_Formatter, help="run a client with a local SOCKS5 port",
-                       description="Connect to a trisocks (or LinkSocks) server and offer a local "
-                       "SOCKS5 proxy whose connections leave from the server.")
-    _add(c, "-t", "--token", env="TOKEN", default="anonymous", help="token to authenticate with")
-    _add(c, "-u", "--url", env="URL", default="ws://localhost:8765",
-         help="WebSocket server URL (ws:// or http://; the path defaults to /socket)")
-    _add(c, "-s", "--socks-host", env="SOCKS_HOST", default="127.0.0.1", help="SOCKS5 listen address")
-    _add(c, "-p", "--socks-port", env="SOCKS_PORT", default=9870, type=int, help="SOCKS5 listen port")
-    _add(c, "-n", "--socks-username", env="SOCKS_USERNAME", default="",
-         help="require this SOCKS5 username (with -w)")
-    _add(c, "-w", "--socks-password", env="SOCKS_PASSWORD", default="",
-         help="require this SOCKS5 password (with -n)")
-    _add_flag(c, "-i", "--socks-no-wait", env="SOCKS_NO_WAIT",
-              help="open the SOCKS5 port at once instead of after connecting to the server")
-    _add_flag(c, "-R", "--no-reconnect", env="NO_RECONNECT",
-              help="exit when the connection to the server is lost instead of reconnecting")
-    _add(c, "-T", "--threads", env="THREADS", default=1, type=int,
-         help="WebSocket connections to keep; new channels are spread over them")
-    _add_debug(c)
+    for name, help_line, description in (
+        ("client", "run a client: a local SOCKS5 port, or a provider with -r",
+         "Connect to a trisocks (or LinkSocks) server.\n\n"
+         "forward client: a local SOCKS5 port (-s/-p) whose connections leave from the server.\n"
+         "connector: the same, with a connector token: connections leave through the providers\n"
+         "  of the reverse token behind it.\n"
+         "provider (-r): no local port; the server's SOCKS5 clients connect out from here."),
+        ("provider", "run a provider (same as 'client -r')",
+         "Connect to a reverse-mode server with a reverse token and open the connections its\n"
+         "SOCKS5 clients ask for from this machine. With -c, also register a connector token\n"
+         "(the server must run with -a)."),
+        ("connector", "run a connector client (same as 'client')",
+         "Connect with a connector token and offer a local SOCKS5 port whose connections leave\n"
+         "through the providers of the reverse token behind it."),
+    ):
+        c = sub.add_parser(name, formatter_class=_Formatter, help=help_line, description=description)
+        _add(c, "-t", "--token", env="TOKEN", default="anonymous",
+             help="token to authenticate with (forward, reverse or connector token)")
+        _add(c, "-u", "--url", env="URL", default="ws://localhost:8765",
+             help="WebSocket server URL (ws:// or http://; the path defaults to /socket)")
+        if name == "client":
+            _add_flag(c, "-r", "--reverse", env="REVERSE",
+                      help="be a provider: open connections for the server's SOCKS5 clients")
+        if name != "connector":
+            _add(c, "-c", "--connector-token", env="CONNECTOR_TOKEN", default="",
+                 help="provider: register this connector token with the server (autonomy mode, "
+                 "server -a); connector clients using it reach only this provider")
+        if name != "provider":
+            _add(c, "-s", "--socks-host", env="SOCKS_HOST", default="127.0.0.1",
+                 help="SOCKS5 listen address")
+            _add(c, "-p", "--socks-port", env="SOCKS_PORT", default=9870, type=int,
+                 help="SOCKS5 listen port (0: any free port)")
+            _add(c, "-n", "--socks-username", env="SOCKS_USERNAME", default="",
+                 help="require this SOCKS5 username (with -w)")
+            _add(c, "-w", "--socks-password", env="SOCKS_PASSWORD", default="",
+                 help="require this SOCKS5 password (with -n)")
+            _add_flag(c, "-i", "--socks-no-wait", env="SOCKS_NO_WAIT",
+                      help="open the SOCKS5 port at once instead of after connecting to the server")
+            _add_flag(c, "-f", "--fast-open", env="FAST_OPEN",
+                      help="answer SOCKS5 clients at once and send their first bytes with the "
+                      "connect request; a failure then closes the connection (see docs/fast-open.md)")
+        _add_flag(c, "-R", "--no-reconnect", env="NO_RECONNECT",
+                  help="exit when the connection to the server is lost instead of reconnecting")
+        _add(c, "-T", "--threads", env="THREADS", default=1, type=int,
+             help="WebSocket connections to keep; new channels are spread over them")
+        _add_debug(c)
 
     sub.add_parser("version", help="print the version and which hot path runs")
     return parser
@@ -129,25 +189,45 @@ def cmd_version(args) -> int:
     return 0
 
 
+def _credentials_pair(args) -> None:
+    if bool(getattr(args, "socks_username", "")) != bool(getattr(args, "socks_password", "")):
+        raise SystemExit("error: -n/--socks-username and -w/--socks-password go together")
+
+
 def cmd_server(args) -> int:
     from .server import Server, ServerConfig
-    from .tokens import TokenTable, generate, redact
+    from .tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable, generate, redact
 
+    _credentials_pair(args)
+    if not args.reverse and (args.connector_token or args.connector_autonomy):
+        raise SystemExit("error: -c/--connector-token and -a/--connector-autonomy need -r/--reverse")
     tokens = TokenTable()
     given = args.token or []
+    kind = "reverse" if args.reverse else "forward"
     if not given:
         token = generate()
         given = [token]
-        print(f"No token given; generated forward token: {token}", flush=True)
-    for token in given:
-        try:
-            tokens.add_forward(token)
-        except ValueError as exc:
-            raise SystemExit(f"error: token {redact(token)}: {exc}") from None
+        print(f"No token given; generated {kind} token: {token}", flush=True)
+    try:
+        for i, token in enumerate(given):
+            if args.reverse:
+                tokens.add(TokenInfo(token, REVERSE, port=args.socks_port if i == 0 else 0,
+                                     username=args.socks_username, password=args.socks_password,
+                                     allow_manage_connector=args.connector_autonomy))
+            else:
+                tokens.add_forward(token)
+        for token in args.connector_token:
+            tokens.add(TokenInfo(token, CONNECTOR, reverse_token=given[0]))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     config = ServerConfig(ws_host=args.ws_host, ws_port=args.ws_port,
-                          connect_timeout=args.connect_timeout)
+                          connect_timeout=args.connect_timeout, socks_host=args.socks_host,
+                          socks_nowait=args.socks_nowait, fast_open=args.fast_open)
     server = Server(config, tokens)
-    log.info("%d forward token(s) configured", len(tokens))
+    log.info("%d %s token(s)%s configured", len(given), kind,
+             f" and {len(args.connector_token)} connector token(s)" if args.connector_token else "")
+    for token in given:
+        log.debug("token %s", redact(token))
     trio.run(server.serve)
     return 0
 
@@ -155,26 +235,35 @@ def cmd_server(args) -> int:
 def cmd_client(args) -> int:
     from .client import Client, ClientConfig
 
-    if bool(args.socks_username) != bool(args.socks_password):
-        raise SystemExit("error: -n/--socks-username and -w/--socks-password go together")
+    _credentials_pair(args)
     if args.threads < 1:
         raise SystemExit("error: -T/--threads must be at least 1")
+    reverse = args.command == "provider" or getattr(args, "reverse", False)
+    if getattr(args, "connector_token", "") and not reverse:
+        raise SystemExit("error: -c/--connector-token is for providers (client -r, or 'provider')")
     config = ClientConfig(
-        url=args.url, token=args.token, socks_host=args.socks_host, socks_port=args.socks_port,
-        socks_username=args.socks_username, socks_password=args.socks_password,
-        socks_wait_server=not args.socks_no_wait, reconnect=not args.no_reconnect,
-        threads=args.threads,
+        url=args.url, token=args.token, reverse=reverse,
+        connector_token=getattr(args, "connector_token", ""),
+        socks_host=getattr(args, "socks_host", "127.0.0.1"),
+        socks_port=getattr(args, "socks_port", 9870),
+        socks_username=getattr(args, "socks_username", ""),
+        socks_password=getattr(args, "socks_password", ""),
+        socks_wait_server=not getattr(args, "socks_no_wait", False),
+        fast_open=getattr(args, "fast_open", False),
+        reconnect=not args.no_reconnect, threads=args.threads,
     )
     try:
         client = Client(config)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
-    log.info("trisocks %s client connecting to %s", __version__, client.endpoint.display)
+    log.info("trisocks %s %s connecting to %s", __version__, "provider" if reverse else "client",
+             client.endpoint.display)
     trio.run(client.run)
     return 0
 
 
-COMMANDS = {"server": cmd_server, "client": cmd_client, "version": cmd_version}
+COMMANDS = {"server": cmd_server, "client": cmd_client, "provider": cmd_client,
+            "connector": cmd_client, "version": cmd_version}
 
 
 def main(argv: list[str] | None = None) -> int:
