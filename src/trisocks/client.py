@@ -173,7 +173,7 @@ class Client:
                 return
             creds = Credentials(cfg.socks_username, cfg.socks_password) if cfg.socks_username else None
             self.socks = SocksServer(cfg.socks_host, cfg.socks_port, on_connect=self.ingress.on_connect,
-                                     credentials=creds, name="SOCKS5")
+                                     on_udp=self.ingress.on_udp, credentials=creds, name="SOCKS5")
             if cfg.socks_wait_server:
                 await self.pool.wait_nonempty()
             self.socks_port = await nursery.start(self.socks.serve)

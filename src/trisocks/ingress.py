@@ -24,8 +24,10 @@ log = logging.getLogger("trisocks.ingress")
 
 class Ingress:
     def __init__(self, pool: SessionPool, *, wait_timeout: float, connect_timeout: float = 20.0,
-                 fast_open: bool = False, name: str = "SOCKS5") -> None:
+                 fast_open: bool = False, udp_idle_timeout: float = 60.0,
+                 name: str = "SOCKS5") -> None:
         self.pool = pool
+        self.udp_idle_timeout = udp_idle_timeout
         self.wait_timeout = wait_timeout  # for a session to appear (reconnects, no provider yet)
         self.connect_timeout = connect_timeout  # for the peer's ConnectResponse
         self.fast_open = fast_open
@@ -50,6 +52,21 @@ class Ingress:
             pass  # the session ended under us; the channel was aborted with it
         finally:
             ch.finish()
+
+    async def on_udp(self, sock, request: socks5.Request, early: bytes) -> None:
+        """SOCKS5 UDP ASSOCIATE: a UDP relay next to this TCP connection, for as long as it lasts."""
+        from .udp import associate
+
+        session = await self.pool.wait_pick(self.wait_timeout)
+        if session is None:
+            self.failed += 1
+            await _send_reply(sock, socks5.NETWORK_UNREACHABLE)
+            return
+        try:
+            await associate(session, sock, request, connect_timeout=self.connect_timeout,
+                            idle_timeout=self.udp_idle_timeout)
+        except trio.ClosedResourceError:
+            pass
 
     async def _relay(self, session, ch: Channel, sock, request, early: bytes) -> None:
         session.send(protocol.Connect(protocol.TCP, ch.id, request.host, request.port))

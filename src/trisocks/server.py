@@ -280,7 +280,8 @@ class ReverseService:
                                name=f"SOCKS5 of {redact(info.token)}")
         creds = Credentials(info.username, info.password) if info.username else None
         self.socks = SocksServer(cfg.socks_host, info.port or 0, on_connect=self.ingress.on_connect,
-                                 credentials=creds, name=f"SOCKS5 of {redact(info.token)}")
+                                 on_udp=self.ingress.on_udp, credentials=creds,
+                                 name=f"SOCKS5 of {redact(info.token)}")
         self._scope = trio.CancelScope()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
