@@ -125,8 +125,13 @@ def encode_frame(int opcode, payload, mask_key=None, bint fin=True):
     """A complete WebSocket frame (copying ``payload``); ``mask_key`` masks it (client side)."""
     if not _valid_opcode(opcode):
         raise ValueError(f"invalid opcode {opcode}")
-    cdef const unsigned char[::1] body = memoryview(payload).cast("B") if len(payload) else b"\0"[:0]
-    cdef Py_ssize_t n = len(payload)
+    # The payload's bytes, however it is laid out: len(payload) counts items, not bytes,
+    # for arrays of wider items, and cast("B") refuses strided views (copied instead).
+    view = memoryview(payload)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    cdef const unsigned char[::1] body = view.cast("B") if view.nbytes else b""
+    cdef Py_ssize_t n = body.shape[0]
     if opcode >= 8 and (n > 125 or not fin):
         raise ValueError("control frames carry at most 125 bytes and are never fragmented")
     cdef uint8_t head[14]
@@ -440,6 +445,7 @@ cdef class Decoder:
         if not self._fin:
             return 0
         self._msg_active = False
+        self._msg_size = 0  # max_message limits each message, not the sum of consecutive ones
         if self._kind == _HEAD:
             self.data = PyBytes_FromStringAndSize(<char*>self._head, self._head_len)
             return _MESSAGE

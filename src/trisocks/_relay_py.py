@@ -373,6 +373,7 @@ class Decoder:
         if not self._fin:
             return 0
         self._msg_active = False
+        self._msg_size = 0  # max_message limits each message, not the sum of consecutive ones
         kind = self._kind
         if kind == _HEAD:
             self.data = bytes(self._head)

@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
               "provider has connected (see docs/fast-open.md)")
     _add(s, "--connect-timeout", env="CONNECT_TIMEOUT", default=10.0, type=float,
          help="forward mode: seconds to reach a target before the client is told it failed")
+    _add(s, "--tls-cert", env="TLS_CERT", default="",
+         help="PEM certificate (chain) file: serve wss:// and https:// on the WebSocket port")
+    _add(s, "--tls-key", env="TLS_KEY", default="",
+         help="PEM private key file for --tls-cert (if not inside the certificate file)")
     _add_debug(s)
 
     for name, help_line, description in (
@@ -165,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
                   help="exit when the connection to the server is lost instead of reconnecting")
         _add(c, "-T", "--threads", env="THREADS", default=1, type=int,
              help="WebSocket connections to keep; new channels are spread over them")
+        _add(c, "--ca-file", env="CA_FILE", default="",
+             help="wss://: trust the CA certificates in this PEM file instead of the system's")
+        _add_flag(c, "--insecure", env="INSECURE",
+                  help="wss://: do not check the server's certificate (a warning is logged)")
         _add_debug(c)
 
     sub.add_parser("version", help="print the version and which hot path runs")
@@ -220,10 +228,16 @@ def cmd_server(args) -> int:
             tokens.add(TokenInfo(token, CONNECTOR, reverse_token=given[0]))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    if args.tls_key and not args.tls_cert:
+        raise SystemExit("error: --tls-key needs --tls-cert")
     config = ServerConfig(ws_host=args.ws_host, ws_port=args.ws_port,
                           connect_timeout=args.connect_timeout, socks_host=args.socks_host,
-                          socks_nowait=args.socks_nowait, fast_open=args.fast_open)
-    server = Server(config, tokens)
+                          socks_nowait=args.socks_nowait, fast_open=args.fast_open,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key)
+    try:
+        server = Server(config, tokens)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     log.info("%d %s token(s)%s configured", len(given), kind,
              f" and {len(args.connector_token)} connector token(s)" if args.connector_token else "")
     for token in given:
@@ -251,6 +265,7 @@ def cmd_client(args) -> int:
         socks_wait_server=not getattr(args, "socks_no_wait", False),
         fast_open=getattr(args, "fast_open", False),
         reconnect=not args.no_reconnect, threads=args.threads,
+        ca_file=args.ca_file, insecure=args.insecure,
     )
     try:
         client = Client(config)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,7 +34,7 @@ from .pool import SessionPool
 from .session import DEFAULT_WINDOW, Handler, Session, read_message
 from .socks_server import Credentials, SocksServer
 from .tokens import redact
-from .transport import SocketTransport, close_socket
+from .transport import SocketTransport, close_socket, tls_wrap
 
 log = logging.getLogger("trisocks.client")
 
@@ -63,6 +64,20 @@ class ClientConfig:
     backoff_max: float = 30.0
     ping_interval: float = 30.0
     idle_timeout: float = 90.0
+    ca_file: str = ""  # trust these CAs for wss:// (default: the system's)
+    insecure: bool = False  # wss:// without certificate checks
+
+
+def tls_client_context(ca_file: str = "", insecure: bool = False) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+    except (FileNotFoundError, ssl.SSLError) as exc:
+        raise ValueError(f"--ca-file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    if insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
 
 
 @dataclass(frozen=True)
@@ -136,8 +151,12 @@ class Client:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.endpoint = parse_url(config.url)
+        self.tls = None
         if self.endpoint.scheme == "wss":
-            raise ValueError("wss:// URLs need TLS support, which this build does not have yet")
+            self.tls = tls_client_context(config.ca_file, config.insecure)
+            if config.insecure:
+                log.warning("TLS certificate checks are off (--insecure): anyone on the way to "
+                            "the server can read and change the tunnel")
         self.instance = protocol.new_channel_id()
         self.pool = SessionPool("server")
         self.partners = 0
@@ -221,7 +240,14 @@ class Client:
         """Dial, upgrade and authenticate one WebSocket session."""
         cfg, ep = self.config, self.endpoint
         sock = await dial_tcp(ep.host, ep.port, timeout=cfg.dial_timeout)
-        transport = SocketTransport(sock, ep.display)
+        if self.tls is not None:
+            try:
+                transport = await tls_wrap(sock, self.tls, server_side=False, hostname=ep.host,
+                                           timeout=cfg.dial_timeout, peer=ep.display)
+            except trio.BrokenResourceError as exc:
+                raise OSError(_tls_failure(ep.host, exc.__cause__ or exc)) from None
+        else:
+            transport = SocketTransport(sock, ep.display)
         try:
             headers, leftover = await client_handshake(transport, ep.host_header, ep.resource,
                                                        window=cfg.window)
@@ -283,6 +309,15 @@ class Client:
             done.set()
 
 
+def _tls_failure(host: str, exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS certificate of {host} not trusted ({exc.verify_message}); "
+                "give its CA with --ca-file, or --insecure to skip the check")
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake with {host} failed: {exc.reason or exc}"
+    return f"TLS handshake with {host} failed: {exc}"
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, HandshakeError):
         return exc.message
@@ -290,6 +325,8 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
+    if isinstance(exc, OSError) and exc.args:
+        return str(exc.args[0])
     return str(exc) or type(exc).__name__
 
 

@@ -24,7 +24,6 @@ import trio
 from wsproto.utilities import generate_accept_token
 
 from ._version import __version__
-from .transport import sock_recv
 
 MAX_HEAD = 16 << 10
 FLOW_HEADER = "x-trisocks-flow"
@@ -69,13 +68,13 @@ class Request:
         )
 
 
-async def read_request(sock, *, timeout: float = 10.0) -> Request | None:
-    """Read one request head from a raw socket; None if the peer closed without a word."""
+async def read_request(transport, *, timeout: float = 10.0) -> Request | None:
+    """Read one request head from a transport; None if the peer closed without a word."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     raw = bytearray()
     with trio.move_on_after(timeout) as scope:
         while True:
-            data = await sock_recv(sock, 65536)
+            data = await transport.recv(65536)
             if not data:
                 if not raw:
                     return None

@@ -18,6 +18,7 @@ its role:
 from __future__ import annotations
 
 import logging
+import ssl
 import uuid
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ from .pool import SessionPool
 from .session import DEFAULT_WINDOW, Handler, Session, read_message
 from .socks_server import Credentials, SocksServer
 from .tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, TokenTable, generate, redact
-from .transport import SocketTransport, accept_loop, close_socket, listen_tcp, sock_sendall
+from .transport import SocketTransport, accept_loop, close_socket, listen_tcp, tls_wrap
 
 log = logging.getLogger("trisocks.server")
 
@@ -60,6 +61,21 @@ class ServerConfig:
     provider_answer: float = 20.0  # ...and this long for the provider's ConnectResponse
     fast_open: bool = False
     dialer: object = field(default=direct_dialer)
+    tls_cert: str = ""  # PEM certificate chain; with tls_key the server speaks wss:// itself
+    tls_key: str = ""
+
+
+def tls_server_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server TLS context, or a ValueError saying what is wrong with the files."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key or None)
+    except FileNotFoundError as exc:
+        raise ValueError(f"TLS: cannot read {exc.filename}") from None
+    except ssl.SSLError as exc:
+        raise ValueError(f"TLS: certificate {cert} / key {key}: {exc.reason or exc}") from None
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
 
 
 class Server:
@@ -72,6 +88,7 @@ class Server:
         self.egress = Egress(dialer=config.dialer, connect_timeout=config.connect_timeout)
         self._nursery: trio.Nursery | None = None
         self.ready = trio.Event()
+        self.tls = tls_server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         lsock = listen_tcp(self.config.ws_host, self.config.ws_port)
@@ -81,8 +98,8 @@ class Server:
                 self._nursery = nursery
                 for info in self.tokens.of_kind(REVERSE):
                     await self._start_service(info)
-                log.info("trisocks %s listening on %s:%d (WebSocket path /socket)",
-                         __version__, self.config.ws_host, self.port)
+                log.info("trisocks %s listening on %s:%d (%s, WebSocket path /socket)", __version__,
+                         self.config.ws_host, self.port, "TLS" if self.tls else "plain HTTP")
                 self.ready.set()
                 task_status.started(self.port)
                 await accept_loop(lsock, self._handle, nursery, log)
@@ -136,40 +153,51 @@ class Server:
     # -- front door ------------------------------------------------------------------
     async def _handle(self, sock, addr) -> None:
         peer = _fmt(addr)
+        transport = None
         try:
+            if self.tls is not None:
+                try:
+                    transport = await tls_wrap(sock, self.tls, server_side=True, peer=peer)
+                except (trio.BrokenResourceError, trio.TooSlowError) as exc:
+                    log.debug("TLS handshake with %s failed: %s", peer, exc.__cause__ or exc)
+                    return
+            else:
+                transport = SocketTransport(sock, peer)
             try:
-                req = await read_request(sock)
+                req = await read_request(transport)
             except HandshakeError as exc:
                 log.debug("bad HTTP request from %s: %s", peer, exc.message)
-                await _reply(sock, error_response(exc.status, exc.message))
+                await _reply(transport, error_response(exc.status, exc.message))
                 return
             if req is None:
                 return
             if req.path in WS_PATHS:
-                await self._websocket(sock, req, peer)
+                await self._websocket(transport, req, peer)
             elif req.path == "/" and req.method in ("GET", "HEAD"):
                 body = f"trisocks {__version__} is running\n"
-                await _reply(sock, response(200, "" if req.method == "HEAD" else body))
+                await _reply(transport, response(200, "" if req.method == "HEAD" else body))
             elif req.method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
-                await _reply(sock, error_response(405, "method not allowed"))
+                await _reply(transport, error_response(405, "method not allowed"))
             else:
-                await _reply(sock, error_response(404, "not found"))
-        except OSError as exc:
+                await _reply(transport, error_response(404, "not found"))
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("connection from %s failed: %s", peer, exc)
         except Exception as exc:  # a bug must cost one connection, never the server
             log.error("connection from %s failed unexpectedly: %r", peer, exc)
             log.debug("details", exc_info=True)
         finally:
+            if transport is not None:
+                with trio.CancelScope(shield=True):
+                    await transport.aclose()
             close_socket(sock)
 
-    async def _websocket(self, sock, req: Request, peer: str) -> None:
+    async def _websocket(self, transport, req: Request, peer: str) -> None:
         try:
             answer, peer_window = accept_websocket(req, window=self.config.window)
         except HandshakeError as exc:
-            await _reply(sock, error_response(exc.status, exc.message))
+            await _reply(transport, error_response(exc.status, exc.message))
             return
-        transport = SocketTransport(sock, peer)
-        await sock_sendall(sock, answer)
+        await transport.send_all(answer)
         decoder = Decoder(expect_masked=True, max_message=self.config.max_message)
         decoder.feed_bytes(req.leftover)
 
@@ -420,10 +448,10 @@ def _parse_instance(text: str) -> bytes:
         return uuid.uuid4().bytes
 
 
-async def _reply(sock, data: bytes) -> None:
+async def _reply(transport, data: bytes) -> None:
     try:
-        await sock_sendall(sock, data)
-    except OSError:
+        await transport.send_all(data)
+    except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
 
 

@@ -100,6 +100,9 @@ class SocketTransport:
     async def recv_into(self, view) -> int:
         return await sock_recv_into(self.sock, view)
 
+    async def recv(self, size: int) -> bytes:
+        return await sock_recv(self.sock, size)
+
     def try_send(self, view) -> int:
         try:
             return self.sock.send(view)
@@ -137,6 +140,9 @@ class StreamTransport:
         view[:n] = data
         return n
 
+    async def recv(self, size: int) -> bytes:
+        return await self.stream.receive_some(size)
+
     def try_send(self, view) -> int:
         return 0
 
@@ -150,6 +156,30 @@ class StreamTransport:
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+async def tls_wrap(sock: socket.socket, context, *, server_side: bool, hostname: str | None = None,
+                   timeout: float = 15.0, peer: str = "") -> StreamTransport:
+    """Run the TLS handshake over a connected socket; raises trio.BrokenResourceError or TooSlowError.
+
+    A failed certificate check surfaces as BrokenResourceError whose __cause__ is the
+    ssl.SSLCertVerificationError.
+    """
+    stream = trio.SSLStream(
+        trio.SocketStream(trio.socket.from_stdlib_socket(sock)), context,
+        server_side=server_side, server_hostname=None if server_side else hostname,
+        https_compatible=True,
+    )
+    try:
+        with trio.fail_after(timeout):
+            await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return StreamTransport(stream, peer)
 
 
 # -- listening -------------------------------------------------------------------
