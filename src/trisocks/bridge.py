@@ -30,7 +30,7 @@ log = logging.getLogger("trisocks.bridge")
 
 class BridgeEnd:
     __slots__ = ("id", "session", "bridge", "partner", "target", "credit", "limit", "out",
-                 "unacked", "early", "state", "bytes_in", "_space", "_disconnect_after")
+                 "unacked", "early", "state", "bytes_in", "_space", "_disconnect_after", "account")
 
     def __init__(self, session, channel_id: bytes, bridge: Bridge, target: str) -> None:
         self.id = channel_id
@@ -45,11 +45,23 @@ class BridgeEnd:
         self.early = bytearray()  # bytes from our peer before the partner exists
         self.state = 0  # 0 open, 1 closed
         self.bytes_in = 0
+        self.account = None
         self._space = ParkingLot()
         self._disconnect_after: str | None = None
 
     def __repr__(self) -> str:
         return f"<BridgeEnd {protocol.channel_str(self.id)[:8]} {self.target}>"
+
+    # The connector is the user: what it sent, and what came back from the provider.
+    @property
+    def uploaded(self) -> int:
+        user = self.bridge.connector
+        return user.bytes_in
+
+    @property
+    def downloaded(self) -> int:
+        provider = self.bridge.provider
+        return provider.bytes_in if provider is not None else 0
 
     # -- from our peer ---------------------------------------------------------------
     def deliver(self, data) -> bool:
@@ -180,7 +192,7 @@ class Bridge:
         end = BridgeEnd(provider_session, self.connector.id, self, self.target)
         if self.connector.id in provider_session.channels:
             return None
-        provider_session.channels[end.id] = end
+        provider_session.register(end)
         self.provider = end
         end.partner, self.connector.partner = self.connector, end
         if self.connector.early:

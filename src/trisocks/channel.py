@@ -76,7 +76,7 @@ class Channel:
         "id", "session", "sock", "state", "pending", "credit", "limit", "error",
         "bytes_up", "bytes_down", "_unacked", "_credit_lot", "_space_lot", "_pump_scope",
         "_drain_scope", "_draining", "_drained", "_remote_done", "_response", "_response_ready",
-        "target", "on_close",
+        "target", "on_close", "account", "ingress",
     )
 
     def __init__(self, session: Session, channel_id: bytes, target: str = "") -> None:
@@ -92,6 +92,8 @@ class Channel:
         self.bytes_down = 0  # tunnel -> socket
         self.target = target
         self.on_close = None  # callback(channel) for accounting
+        self.account = None  # set by Session.register
+        self.ingress = False  # True when our socket is the user's (SOCKS5 side), False for a target
         self._unacked = 0
         self._credit_lot = ParkingLot()
         self._space_lot = ParkingLot()
@@ -105,6 +107,15 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<Channel {protocol.channel_str(self.id)[:8]} {self.target}>"
+
+    # What the user sent and received, whichever side of the tunnel this channel is on.
+    @property
+    def uploaded(self) -> int:
+        return self.bytes_up if self.ingress else self.bytes_down
+
+    @property
+    def downloaded(self) -> int:
+        return self.bytes_down if self.ingress else self.bytes_up
 
     # -- opening ---------------------------------------------------------------
     async def wait_response(self, timeout: float) -> protocol.ConnectResponse | None:

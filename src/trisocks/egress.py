@@ -38,6 +38,10 @@ class Egress(Handler):
         self.dial_failures = 0
 
     def on_connect(self, session: Session, msg: protocol.Connect) -> None:
+        refused = session.refuse_reason()
+        if refused:
+            session.send(protocol.ConnectResponse(False, msg.channel, refused))
+            return
         if msg.protocol == protocol.TCP:
             ch = session.accept_channel(msg.channel, f"{msg.address}:{msg.port}")
             if ch is not None:

@@ -35,14 +35,19 @@ class Ingress:
         self.opened = 0
         self.failed = 0
 
-    async def on_connect(self, sock, request: socks5.Request, early: bytes) -> None:
+    async def on_connect(self, sock, request: socks5.Request, early: bytes, account=None) -> None:
+        refused = account.refuse_reason() if account is not None else None
+        if refused:
+            log.info("%s: CONNECT refused: %s", self.name, refused)
+            await _send_reply(sock, socks5.NOT_ALLOWED)
+            return
         session = await self.pool.wait_pick(self.wait_timeout)
         if session is None:
             self.failed += 1
             log.info("%s: no connection to carry CONNECT %s:%d", self.name, request.host, request.port)
             await _send_reply(sock, socks5.NETWORK_UNREACHABLE)
             return
-        ch = session.open_channel(f"{request.host}:{request.port}")
+        ch = session.open_channel(f"{request.host}:{request.port}", account)
         try:
             if self.fast_open:
                 await self._relay_fast(session, ch, sock, request, early)
@@ -53,10 +58,14 @@ class Ingress:
         finally:
             ch.finish()
 
-    async def on_udp(self, sock, request: socks5.Request, early: bytes) -> None:
+    async def on_udp(self, sock, request: socks5.Request, early: bytes, account=None) -> None:
         """SOCKS5 UDP ASSOCIATE: a UDP relay next to this TCP connection, for as long as it lasts."""
         from .udp import associate
 
+        refused = account.refuse_reason() if account is not None else None
+        if refused:
+            await _send_reply(sock, socks5.NOT_ALLOWED)
+            return
         session = await self.pool.wait_pick(self.wait_timeout)
         if session is None:
             self.failed += 1
@@ -64,7 +73,7 @@ class Ingress:
             return
         try:
             await associate(session, sock, request, connect_timeout=self.connect_timeout,
-                            idle_timeout=self.udp_idle_timeout)
+                            idle_timeout=self.udp_idle_timeout, account=account)
         except trio.ClosedResourceError:
             pass
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -78,10 +79,29 @@ def tls_server_context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def _no_events(kind: str, **fields) -> None:
+    pass
+
+
 class Server:
-    def __init__(self, config: ServerConfig, tokens: TokenTable) -> None:
+    """The server. Two hooks connect it to a management plane:
+
+    ``events(kind, **fields)`` hears what happens: ``auth_success`` (role, token, account,
+    peer), ``auth_failure`` (peer, how), ``session_closed`` (role, token, account, peer,
+    reason), for every role (forward, reverse = providers, connector).
+
+    ``http_app(transport, request)`` answers every HTTP request that is not a WebSocket
+    upgrade on /socket (the management API, health, metrics); without it the server
+    answers ``GET /`` and 404 itself.
+    """
+
+    def __init__(self, config: ServerConfig, tokens: TokenTable, *, events=None,
+                 http_app=None) -> None:
         self.config = config
         self.tokens = tokens
+        self.events = events or _no_events
+        self.http_app = http_app
+        self.started_at = time.monotonic()
         self.port = config.ws_port
         self.sessions: dict[Session, TokenInfo] = {}
         self.services: dict[str, ReverseService] = {}
@@ -92,6 +112,7 @@ class Server:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         lsock = listen_tcp(self.config.ws_host, self.config.ws_port)
+        self.started_at = time.monotonic()
         try:
             self.port = lsock.getsockname()[1]
             async with trio.open_nursery() as nursery:
@@ -173,6 +194,8 @@ class Server:
                 return
             if req.path in WS_PATHS:
                 await self._websocket(transport, req, peer)
+            elif self.http_app is not None:
+                await self.http_app(transport, req)
             elif req.path == "/" and req.method in ("GET", "HEAD"):
                 body = f"trisocks {__version__} is running\n"
                 await _reply(transport, response(200, "" if req.method == "HEAD" else body))
@@ -231,7 +254,14 @@ class Server:
         role = _role(info, reverse)
         if role is None:
             log.warning("authentication failed from %s (%s)", peer, how)
+            self.events("auth_failure", peer=peer, how=how)
             await self._refuse(transport, "invalid token")
+            return
+        refused = info.account.refuse_reason() if info.account is not None else None
+        if refused:
+            log.warning("client %s refused: %s", peer, refused)
+            self.events("auth_failure", peer=peer, how=how, reason=refused, account=info.account)
+            await self._refuse(transport, refused)
             return
         service = None
         if role != FORWARD:
@@ -252,10 +282,12 @@ class Server:
             ping_interval=self.config.provider_ping_interval if role == REVERSE else self.config.ping_interval,
             idle_timeout=self.config.idle_timeout,
         )
+        session.account = info.account
         session.send(protocol.AuthResponse(True))
         log.info("%s authenticated (token %s%s)", session, redact(info.token),
                  ", trisocks flow control" if peer_window else "")
         self.sessions[session] = info
+        self.events("auth_success", role=role, token=info.token, account=info.account, peer=peer)
         try:
             if service is None:
                 await session.run()
@@ -264,6 +296,8 @@ class Server:
         finally:
             del self.sessions[session]
             log.info("%s gone: %s", session, session.close_reason or "closed")
+            self.events("session_closed", role=role, token=info.token, account=info.account,
+                        peer=peer, reason=session.close_reason or "closed")
 
     async def _refuse(self, transport, error: str) -> None:
         """Failed authentication: an AuthResponse saying why, then close (policy violation)."""
@@ -419,9 +453,13 @@ class ConnectorSide(Handler):
         self.info = info
 
     def on_connect(self, session: Session, msg: protocol.Connect) -> None:
+        refused = session.refuse_reason()
+        if refused:
+            session.send(protocol.ConnectResponse(False, msg.channel, refused))
+            return
         target = f"{msg.address}:{msg.port}" if msg.protocol == protocol.TCP else "udp"
         bridge = Bridge(session, msg.channel, target)
-        session.channels[msg.channel] = bridge.connector
+        session.register(bridge.connector)
         session.nursery.start_soon(self._link, session, bridge, msg)
 
     async def _link(self, session: Session, bridge: Bridge, msg: protocol.Connect) -> None:

@@ -90,6 +90,9 @@ class Session:
         self._read_scope = trio.CancelScope()
         self._ping_sent_at: float | None = None
         self.rtt: float | None = None
+        # Who the traffic is metered to (a management-plane user), if anyone: see register().
+        self.account = None
+        self.channels_total = 0
 
     def __str__(self) -> str:
         return self.name
@@ -120,10 +123,11 @@ class Session:
         return self._ping_sent_at is None or now - self._ping_sent_at < grace
 
     # -- channels ------------------------------------------------------------------
-    def open_channel(self, target: str = "") -> Channel:
+    def open_channel(self, target: str = "", account=None) -> Channel:
         """A new outgoing channel (we send Connect), registered so replies find it."""
         ch = Channel(self, protocol.new_channel_id(), target)
-        self.channels[ch.id] = ch
+        ch.ingress = True
+        self.register(ch, account)
         return ch
 
     def accept_channel(self, channel_id: bytes, target: str = "") -> Channel | None:
@@ -131,12 +135,29 @@ class Session:
         if channel_id in self.channels:
             return None
         ch = Channel(self, channel_id, target)
-        self.channels[channel_id] = ch
+        self.register(ch)
         return ch
 
-    def forget(self, ch: Channel) -> None:
+    def register(self, ch, account=None) -> None:
+        """Put any kind of channel in the table; its bytes are metered to ``account``
+        (default: the session's). The account hears ``opened(ch)`` now and ``closed(ch)``
+        when the channel is forgotten, with its final byte counts."""
+        self.channels[ch.id] = ch
+        self.channels_total += 1
+        ch.account = account if account is not None else self.account
+        if ch.account is not None:
+            ch.account.opened(ch)
+
+    def forget(self, ch) -> None:
         if self.channels.get(ch.id) is ch:
             del self.channels[ch.id]
+            if ch.account is not None:
+                ch.account.closed(ch)
+
+    def refuse_reason(self, account=None) -> str | None:
+        """Why a new channel must be refused for this account (over quota, expired...), or None."""
+        account = account if account is not None else self.account
+        return account.refuse_reason() if account is not None else None
 
     # -- running -------------------------------------------------------------------
     async def run(self) -> None:

@@ -22,17 +22,24 @@ log = logging.getLogger("trisocks.socks")
 
 HANDSHAKE_TIMEOUT = 10.0
 
-ConnectHandler = Callable[[object, socks5.Request, bytes], Awaitable[None]]
+# on_connect(sock, request, early_bytes, account): account is what the credentials check
+# returned when it was an account object, else None.
+ConnectHandler = Callable[[object, socks5.Request, bytes, object], Awaitable[None]]
 
 
 class Credentials:
-    """One username/password pair, compared in constant time."""
+    """One username/password pair, compared in constant time.
+
+    Anything with a ``check(username, password)`` method can stand in for it: the
+    result is falsy to refuse, ``True`` to accept, or an account object to accept
+    and meter the connection's channels to (management-plane users).
+    """
 
     def __init__(self, username: str, password: str) -> None:
         self.username = username.encode()
         self.password = password.encode()
 
-    def check(self, username: str, password: str) -> bool:
+    def check(self, username: str, password: str):
         ok_user = hmac.compare_digest(self.username, username.encode())
         ok_pass = hmac.compare_digest(self.password, password.encode())
         return ok_user and ok_pass
@@ -85,7 +92,7 @@ class SocksServer:
         try:
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    request, early = await self._handshake(sock)
+                    request, early, account = await self._handshake(sock)
             except socks5.Socks5Error as exc:
                 self.failures += 1
                 log.debug("%s handshake from %s refused: %s", self.name, _fmt(addr), exc)
@@ -99,15 +106,15 @@ class SocksServer:
             if request is None:
                 return
             if request.command == socks5.CMD_CONNECT:
-                await self.on_connect(sock, request, early)
+                await self.on_connect(sock, request, early, account)
             elif request.command == socks5.CMD_UDP_ASSOCIATE and self.on_udp is not None:
-                await self.on_udp(sock, request, early)
+                await self.on_udp(sock, request, early, account)
             else:
                 await _try_send(sock, socks5.reply(socks5.COMMAND_NOT_SUPPORTED))
         finally:
             close_socket(sock)
 
-    async def _handshake(self, sock) -> tuple[socks5.Request | None, bytes]:
+    async def _handshake(self, sock) -> tuple[socks5.Request | None, bytes, object]:
         buf = bytearray()
 
         async def read(parse):
@@ -124,18 +131,21 @@ class SocksServer:
         (methods,) = await read(socks5.parse_greeting)
         method = socks5.choose_method(methods, self.credentials is not None)
         await sock_sendall(sock, socks5.method_reply(method))
+        account = None
         if method == socks5.NO_ACCEPTABLE:
             log.debug("%s: client offered no acceptable auth method", self.name)
-            return None, b""
+            return None, b"", None
         if method == socks5.USERPASS:
             username, password = await read(socks5.parse_userpass)
-            ok = self.credentials is not None and self.credentials.check(username, password)
-            await sock_sendall(sock, socks5.userpass_reply(ok))
-            if not ok:
+            grant = self.credentials.check(username, password) if self.credentials else None
+            await sock_sendall(sock, socks5.userpass_reply(bool(grant)))
+            if not grant:
                 log.warning("%s: wrong username or password from a client", self.name)
-                return None, b""
+                return None, b"", None
+            if grant is not True:
+                account = grant
         (request,) = await read(socks5.parse_request)
-        return request, bytes(buf)
+        return request, bytes(buf), account
 
 
 async def _try_send(sock, data: bytes) -> None:

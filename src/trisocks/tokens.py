@@ -47,6 +47,9 @@ class TokenInfo:
     # instance id of the provider that created them (only it serves them)
     reverse_token: str = ""
     owner: bytes = b""
+    # the management plane's user behind this token (its key authenticates the tunnel),
+    # whose traffic is metered and limited; None for plain tokens
+    account: object = None
 
 
 class TokenTable:

@@ -49,12 +49,22 @@ class _UdpChannel:
         self.bytes_down = 0
         self.dropped = 0
         self.last_active = trio.current_time()
+        self.account = None
         self._done = trio.Event()
         self._response: protocol.ConnectResponse | None = None
         self._response_ready = trio.Event()
 
     def __repr__(self) -> str:
         return f"<UDP channel {protocol.channel_str(self.id)[:8]}>"
+
+    # bytes_up counts datagrams towards targets on both sides: the user's upload
+    @property
+    def uploaded(self) -> int:
+        return self.bytes_up
+
+    @property
+    def downloaded(self) -> int:
+        return self.bytes_down
 
     # the stream half of the channel interface: not used by UDP
     def deliver(self, data) -> bool:
@@ -186,7 +196,7 @@ class UdpAssociation(_UdpChannel):
 
 
 async def associate(session, control, request: socks5.Request, *, connect_timeout: float,
-                    idle_timeout: float = IDLE_TIMEOUT) -> None:
+                    idle_timeout: float = IDLE_TIMEOUT, account=None) -> None:
     """Serve one SOCKS5 UDP ASSOCIATE over ``session``; returns when it ends."""
     local_ip = control.getsockname()[0]
     client_ip = control.getpeername()[0]
@@ -201,7 +211,7 @@ async def associate(session, control, request: socks5.Request, *, connect_timeou
         await _reply(control, socks5.GENERAL_FAILURE)
         return
     ch = UdpAssociation(session, protocol.new_channel_id(), udp, client_ip, client_port, idle_timeout)
-    session.channels[ch.id] = ch
+    session.register(ch, account)
     try:
         session.send(protocol.Connect(protocol.UDP, ch.id))
         resp = await ch.wait_response(connect_timeout)
@@ -277,7 +287,7 @@ class UdpEgress(_UdpChannel):
         if channel_id in session.channels:
             return
         ch = cls(session, channel_id, idle_timeout)
-        session.channels[channel_id] = ch
+        session.register(ch)
         session.nursery.start_soon(ch.run)
 
     async def run(self) -> None:
