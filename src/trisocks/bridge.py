@@ -67,6 +67,10 @@ class BridgeEnd:
     def deliver(self, data) -> bool:
         if self.state:
             return False
+        account = self.bridge.connector.account
+        if account is not None and not account.charge(len(data)):
+            self.bridge.fail(account.refuse_reason() or "traffic limit reached")
+            return False
         self.bytes_in += len(data)
         partner = self.partner
         if partner is None:

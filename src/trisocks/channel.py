@@ -71,6 +71,13 @@ class BufferPool:
 BUFFERS = BufferPool(HEADROOM + CHUNK)
 
 
+# An account (see Session.register) is charged for every byte a channel moves, in
+# the data path itself, so a traffic limit holds to within one read (256 KiB):
+#   charge(n) -> bool        False once the limit is crossed: the channel is closed
+#   refuse_reason() -> str   why (None while all is well)
+#   opened(ch) / closed(ch)  a channel starts / ends (its uploaded/downloaded are final)
+
+
 class Channel:
     __slots__ = (
         "id", "session", "sock", "state", "pending", "credit", "limit", "error",
@@ -140,6 +147,10 @@ class Channel:
     def deliver(self, data) -> bool:
         """Write Data from the peer; True when the read loop must wait (``wait_space``)."""
         if self.state >= CLOSED or self.error:
+            return False
+        account = self.account
+        if account is not None and not account.charge(len(data)):
+            self.fail(account.refuse_reason() or "traffic limit reached")
             return False
         sock = self.sock
         if sock is None or self.pending:
@@ -278,6 +289,10 @@ class Channel:
                         await wait_readable(sock)
                         continue
                     if n == 0:
+                        break
+                    account = self.account
+                    if account is not None and not account.charge(n):
+                        error = account.refuse_reason() or "traffic limit reached"
                         break
                     start = encode_data(buf, HEADROOM, n, cid, session.mask_key())
                     await outbox.send_borrowed(view[start : HEADROOM + n])

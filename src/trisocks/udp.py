@@ -100,11 +100,21 @@ class _UdpChannel:
 
     def send_datagram(self, msg: protocol.Data) -> bool:
         """Queue a Data(UDP) on the session; False (dropped) when the WebSocket is congested."""
+        if not self.charge(len(msg.data)):
+            return False
         outbox = self.session.outbox
         if outbox.queued_bytes > outbox.high_water:
             self.dropped += 1
             return False
         self.session.send_if_open(msg)
+        return True
+
+    def charge(self, n: int) -> bool:
+        """Bill the account; past its limit the association ends."""
+        account = self.account
+        if account is not None and not account.charge(n):
+            self.fail(account.refuse_reason() or "traffic limit reached")
+            return False
         return True
 
     def finish(self) -> None:
@@ -142,6 +152,8 @@ class UdpAssociation(_UdpChannel):
     def on_datagram(self, msg: protocol.Data) -> None:
         if not self.client_port:
             return  # nobody to send it to yet
+        if not self.charge(len(msg.data)):
+            return
         try:
             header = socks5.udp_header(msg.address or "0.0.0.0", msg.port)
             self.udp.sendto(header + msg.data, (self.client_ip, self.client_port))
@@ -322,7 +334,7 @@ class UdpEgress(_UdpChannel):
         return sock
 
     def on_datagram(self, msg: protocol.Data) -> None:
-        if self._nursery is None or self.state:
+        if self._nursery is None or self.state or not self.charge(len(msg.data)):
             return
         host, port = msg.target_address, msg.target_port
         family = literal_family(host)

@@ -30,7 +30,14 @@ from . import socks5
 from .dial import dial_tcp
 from .transport import close_socket, sock_recv, sock_sendall
 
-__all__ = ["Proxy", "UpstreamError", "open_via", "parse_proxy", "proxy_from_env"]
+__all__ = [
+    "Proxy",
+    "UpstreamError",
+    "no_proxy_matches",
+    "open_via",
+    "parse_proxy",
+    "proxy_from_env",
+]
 
 SCHEMES = ("socks5", "socks5h", "http")
 DEFAULT_PORTS = {"socks5": 1080, "socks5h": 1080, "http": 8080}
