@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
               "provider has connected (see docs/fast-open.md)")
     _add(s, "--connect-timeout", env="CONNECT_TIMEOUT", default=10.0, type=float,
          help="forward mode: seconds to reach a target before the client is told it failed")
+    _add(s, "-x", "--upstream-proxy", env="UPSTREAM_PROXY", default="",
+         help="open every target connection through this proxy: socks5://[user:pass@]host:port "
+         "or http://[user:pass@]host:port (HTTP CONNECT)")
     _add(s, "--tls-cert", env="TLS_CERT", default="",
          help="PEM certificate (chain) file: serve wss:// and https:// on the WebSocket port")
     _add(s, "--tls-key", env="TLS_KEY", default="",
@@ -169,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                   help="exit when the connection to the server is lost instead of reconnecting")
         _add(c, "-T", "--threads", env="THREADS", default=1, type=int,
              help="WebSocket connections to keep; new channels are spread over them")
+        _add(c, "-x", "--upstream-proxy", env="UPSTREAM_PROXY", default="",
+             help="reach the server through this proxy: socks5://[user:pass@]host:port or "
+             "http://[user:pass@]host:port (HTTP CONNECT)")
+        _add_flag(c, "-E", "--no-env-proxy", env="NO_ENV_PROXY",
+                  help="ignore HTTPS_PROXY/HTTP_PROXY/ALL_PROXY/NO_PROXY for the server connection")
         _add(c, "--ca-file", env="CA_FILE", default="",
              help="wss://: trust the CA certificates in this PEM file instead of the system's")
         _add_flag(c, "--insecure", env="INSECURE",
@@ -230,10 +238,21 @@ def cmd_server(args) -> int:
         raise SystemExit(f"error: {exc}") from None
     if args.tls_key and not args.tls_cert:
         raise SystemExit("error: --tls-key needs --tls-cert")
+    from .egress import direct_dialer, proxy_dialer
+    from .upstream import parse_proxy
+
+    dialer = direct_dialer
+    if args.upstream_proxy:
+        try:
+            proxy = parse_proxy(args.upstream_proxy)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        dialer = proxy_dialer(proxy)
+        log.info("target connections go through %s", proxy.display)
     config = ServerConfig(ws_host=args.ws_host, ws_port=args.ws_port,
                           connect_timeout=args.connect_timeout, socks_host=args.socks_host,
                           socks_nowait=args.socks_nowait, fast_open=args.fast_open,
-                          tls_cert=args.tls_cert, tls_key=args.tls_key)
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, dialer=dialer)
     try:
         server = Server(config, tokens)
     except ValueError as exc:
@@ -266,6 +285,7 @@ def cmd_client(args) -> int:
         fast_open=getattr(args, "fast_open", False),
         reconnect=not args.no_reconnect, threads=args.threads,
         ca_file=args.ca_file, insecure=args.insecure,
+        upstream_proxy=args.upstream_proxy, env_proxy=not args.no_env_proxy,
     )
     try:
         client = Client(config)

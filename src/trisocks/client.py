@@ -35,6 +35,7 @@ from .session import DEFAULT_WINDOW, Handler, Session, read_message
 from .socks_server import Credentials, SocksServer
 from .tokens import redact
 from .transport import SocketTransport, close_socket, tls_wrap
+from .upstream import open_via, parse_proxy, proxy_from_env
 
 log = logging.getLogger("trisocks.client")
 
@@ -66,6 +67,8 @@ class ClientConfig:
     idle_timeout: float = 90.0
     ca_file: str = ""  # trust these CAs for wss:// (default: the system's)
     insecure: bool = False  # wss:// without certificate checks
+    upstream_proxy: str = ""  # reach the server through this SOCKS5/HTTP proxy
+    env_proxy: bool = True  # else honour HTTPS_PROXY/HTTP_PROXY/ALL_PROXY/NO_PROXY
 
 
 def tls_client_context(ca_file: str = "", insecure: bool = False) -> ssl.SSLContext:
@@ -151,6 +154,7 @@ class Client:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
         self.endpoint = parse_url(config.url)
+        self.proxy = self._choose_proxy()
         self.tls = None
         if self.endpoint.scheme == "wss":
             self.tls = tls_client_context(config.ca_file, config.insecure)
@@ -172,6 +176,20 @@ class Client:
             self.ingress = Ingress(self.pool, wait_timeout=SESSION_WAIT,
                                    connect_timeout=config.connect_timeout,
                                    fast_open=config.fast_open)
+
+    def _choose_proxy(self):
+        """The proxy to reach the server through: -x, else the environment (unless -E)."""
+        cfg, ep = self.config, self.endpoint
+        if cfg.upstream_proxy:
+            proxy = parse_proxy(cfg.upstream_proxy)
+        elif cfg.env_proxy:
+            proxy = proxy_from_env(ep.scheme, ep.host, ep.port)
+        else:
+            proxy = None
+        if proxy is not None:
+            log.info("reaching the server through %s%s", proxy.display,
+                     "" if cfg.upstream_proxy else " (from the environment; -E ignores it)")
+        return proxy
 
     @property
     def sessions(self) -> list[Session]:
@@ -239,7 +257,13 @@ class Client:
     async def connect(self) -> Session:
         """Dial, upgrade and authenticate one WebSocket session."""
         cfg, ep = self.config, self.endpoint
-        sock = await dial_tcp(ep.host, ep.port, timeout=cfg.dial_timeout)
+        if self.proxy is not None:
+            sock, early = await open_via(self.proxy, ep.host, ep.port, timeout=cfg.dial_timeout)
+            if early:  # a WebSocket server never speaks first
+                close_socket(sock)
+                raise OSError(f"upstream proxy {self.proxy.display} sent unexpected data")
+        else:
+            sock = await dial_tcp(ep.host, ep.port, timeout=cfg.dial_timeout)
         if self.tls is not None:
             try:
                 transport = await tls_wrap(sock, self.tls, server_side=False, hostname=ep.host,

@@ -21,11 +21,22 @@ from .transport import close_socket
 
 log = logging.getLogger("trisocks.egress")
 
-Dialer = Callable[[str, int, float], Awaitable[object]]
+# dialer(host, port, timeout) -> (connected socket, bytes the target already sent)
+Dialer = Callable[[str, int, float], Awaitable[tuple[object, bytes]]]
 
 
 async def direct_dialer(host: str, port: int, timeout: float):
-    return await dial_tcp(host, port, timeout=timeout)
+    return await dial_tcp(host, port, timeout=timeout), b""
+
+
+def proxy_dialer(proxy) -> Dialer:
+    """Reach every target through an upstream SOCKS5 or HTTP CONNECT proxy."""
+    from .upstream import open_via
+
+    async def dial(host: str, port: int, timeout: float):
+        return await open_via(proxy, host, port, timeout=timeout)
+
+    return dial
 
 
 class Egress(Handler):
@@ -54,7 +65,7 @@ class Egress(Handler):
     async def _dial_and_relay(self, session: Session, ch: Channel, msg: protocol.Connect) -> None:
         try:
             try:
-                sock = await self.dialer(msg.address, msg.port, self.connect_timeout)
+                sock, early = await self.dialer(msg.address, msg.port, self.connect_timeout)
             except (OSError, trio.TooSlowError) as exc:
                 self.dial_failures += 1
                 code = socks5.reply_for_exception(exc)
@@ -67,6 +78,8 @@ class Egress(Handler):
             self.channels_opened += 1
             session.send(protocol.ConnectResponse(True, ch.id))
             ch.attach(sock)
+            if early:
+                await ch.send_early(early)
             await ch.run()
         except trio.ClosedResourceError:
             pass
