@@ -83,7 +83,7 @@ class Channel:
         "id", "session", "sock", "state", "pending", "credit", "limit", "error",
         "bytes_up", "bytes_down", "_unacked", "_credit_lot", "_space_lot", "_pump_scope",
         "_drain_scope", "_draining", "_drained", "_remote_done", "_response", "_response_ready",
-        "target", "on_close", "account", "ingress",
+        "target", "account", "ingress",
     )
 
     def __init__(self, session: Session, channel_id: bytes, target: str = "") -> None:
@@ -98,7 +98,6 @@ class Channel:
         self.bytes_up = 0  # socket -> tunnel
         self.bytes_down = 0  # tunnel -> socket
         self.target = target
-        self.on_close = None  # callback(channel) for accounting
         self.account = None  # set by Session.register
         self.ingress = False  # True when our socket is the user's (SOCKS5 side), False for a target
         self._unacked = 0
@@ -298,6 +297,8 @@ class Channel:
                     await outbox.send_borrowed(view[start : HEADROOM + n])
                     self.credit -= n
                     self.bytes_up += n
+                    if session.trace:
+                        log.log(5, "%s: send Data %s %d bytes", session, protocol.channel_str(cid)[:8], n)
                 finally:
                     if item is not None:
                         pool.put(item)
@@ -348,5 +349,3 @@ class Channel:
         self._credit_lot.unpark_all()
         close_socket(self.sock)
         self.session.forget(self)
-        if self.on_close is not None:
-            self.on_close(self)

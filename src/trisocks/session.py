@@ -25,6 +25,7 @@ from .errors import MessageError, ProtocolError
 from .outbox import Outbox
 
 log = logging.getLogger("trisocks.session")
+TRACE = 5  # below DEBUG: every message (-dd)
 
 DEFAULT_WINDOW = 4 << 20  # per-channel credit we grant trisocks peers
 DEFAULT_PENDING = 2 << 20  # per-channel backlog before a LinkSocks peer's reader is paused
@@ -93,6 +94,7 @@ class Session:
         # Who the traffic is metered to (a management-plane user), if anyone: see register().
         self.account = None
         self.channels_total = 0
+        self.trace = log.isEnabledFor(TRACE)  # decided once: the data path never asks the logger
 
     def __str__(self) -> str:
         return self.name
@@ -103,6 +105,8 @@ class Session:
 
     def send(self, msg) -> None:
         """Queue a LinkSocks message; raises trio.ClosedResourceError once the session is closing."""
+        if self.trace:
+            log.log(TRACE, "%s: send %s", self, _summary(msg))
         self.outbox.send_nowait(codec.encode_frame(codec.OP_BINARY, protocol.pack(msg), self.mask_key()))
 
     def send_if_open(self, msg) -> None:
@@ -234,6 +238,9 @@ class Session:
             ev = dec.next_event()
             if ev == DATA:
                 ch = channels.get(dec.channel)
+                if self.trace:
+                    log.log(TRACE, "%s: recv Data %s %d bytes", self,
+                            protocol.channel_str(dec.channel)[:8], len(dec.data))
                 if ch is None:
                     self.unknown_data += 1
                 elif ch.deliver(dec.data):
@@ -283,6 +290,8 @@ class Session:
         except MessageError as exc:
             log.warning("%s: bad message from peer ignored: %s", self, exc)
             return
+        if self.trace:
+            log.log(TRACE, "%s: recv %s", self, _summary(msg))
         kind = type(msg)
         if kind is protocol.Data:
             ch = self.channels.get(msg.channel)
@@ -347,6 +356,24 @@ async def read_message(transport, decoder, *, timeout: float, client_side: bool)
                 reason = decoder.close_reason or f"code {decoder.close_code}"
                 raise EOFError(f"closed by peer ({reason})")
             # Data before authentication has no channel to go to: drop it.
+
+
+def _summary(msg) -> str:
+    """A message for the trace log: its fields, with channel ids short and secrets out."""
+    parts = []
+    for name in msg.__slots__:
+        value = getattr(msg, name)
+        if name in ("channel", "instance"):
+            value = protocol.channel_str(value)[:8]
+        elif name == "token":
+            from .tokens import redact
+
+            value = redact(value)
+        elif isinstance(value, bytes):
+            value = f"<{len(value)} bytes>"
+        if value not in ("", 0, None) or name == "success":
+            parts.append(f"{name}={value}")
+    return f"{type(msg).__name__}({', '.join(parts)})"
 
 
 def _describe(exc: BaseException) -> str:
