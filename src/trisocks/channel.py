@@ -181,7 +181,7 @@ class Channel:
         if window:
             self._unacked += n
             if self._unacked >= window >> 2 and self.state in (OPEN, LOCAL_CLOSED):
-                self.session.send(protocol.WindowUpdate(self.id, self._unacked))
+                self.session.send_if_open(protocol.WindowUpdate(self.id, self._unacked))
                 self._unacked = 0
 
     def _kick_drain(self) -> None:
@@ -224,7 +224,7 @@ class Channel:
         self.pending.clear()
         self._space_lot.unpark_all()
         if self.state in (OPENING, OPEN):
-            self.session.send(protocol.Disconnect(self.id, self.error))
+            self.session.send_if_open(protocol.Disconnect(self.id, self.error))
             self.state = LOCAL_CLOSED
             self._remote_done.set()  # no linger: nothing more can be written
         self._pump_scope.cancel()
