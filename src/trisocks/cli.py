@@ -187,6 +187,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def raise_fd_limit() -> None:
+    """Every channel holds a socket: lift the soft open-files limit to the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 def setup_logging(level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s",
@@ -308,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(getattr(args, "debug", 0))
+    raise_fd_limit()
     try:
         return COMMANDS[args.command](args)
     except BaseException as raised:  # noqa: BLE001 - unwrapped and re-raised below
