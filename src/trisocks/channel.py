@@ -42,6 +42,7 @@ log = logging.getLogger("trisocks.channel")
 
 CHUNK = 256 << 10  # largest Data payload we send (pywssocks caps a message at 1 MiB)
 LINGER = 5.0  # how long a closing channel waits for the peer's Disconnect or for a slow reader
+EOF_GRACE_MIN, EOF_GRACE_MAX = 2.0, 60.0  # see Channel._eof_grace
 UNLIMITED = 1 << 62
 
 OPENING, OPEN, LOCAL_CLOSED, REMOTE_CLOSED, CLOSED = range(5)
@@ -308,9 +309,20 @@ class Channel:
                 error = (exc.strerror or str(exc)).lower()
             else:
                 error = "connection closed"
+        if self.state in (OPENING, OPEN) and not error and self.session.peer_window is None:
+            # A peer without flow control may still be holding what we sent, and some
+            # (pywssocks) throw that away when Disconnect arrives. Our socket ended cleanly,
+            # so let the other end finish first: its own Disconnect cancels this wait.
+            with trio.move_on_after(self._eof_grace()):
+                await self._remote_done.wait()
         if self.state in (OPENING, OPEN):
             self.state = LOCAL_CLOSED
             self.session.send_if_open(protocol.Disconnect(cid, error))
+
+    def _eof_grace(self) -> float:
+        """How long a clean EOF waits for a flow-control-less peer: room for it to write
+        out what we sent at a modest 8 MB/s, between 2 and 60 seconds."""
+        return min(EOF_GRACE_MAX, max(EOF_GRACE_MIN, self.bytes_up / 8e6))
 
     # -- closing ----------------------------------------------------------------
     def on_remote_disconnect(self, error: str) -> None:

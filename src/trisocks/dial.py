@@ -43,6 +43,12 @@ async def connect_address(family: int, sockaddr) -> socket.socket:
         raise
 
 
+def never_resolves(host: str) -> bool:
+    """RFC 6761: names under .invalid never resolve, so resolvers need not be asked."""
+    name = host.rstrip(".").lower()
+    return name == "invalid" or name.endswith(".invalid")
+
+
 async def dial_tcp(host: str, port: int, *, timeout: float) -> socket.socket:
     """A connected, non-blocking TCP socket to host:port (TCP_NODELAY set)."""
     host = host.strip("[]")
@@ -50,6 +56,8 @@ async def dial_tcp(host: str, port: int, *, timeout: float) -> socket.socket:
         family = literal_family(host)
         if family is not None:
             return await connect_address(family, (host, port))
+        if never_resolves(host):
+            raise socket.gaierror(socket.EAI_NONAME, f"{host}: name does not resolve (RFC 6761)")
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         if not infos:
             raise socket.gaierror(socket.EAI_NONAME, "name has no addresses")

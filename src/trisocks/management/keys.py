@@ -1,0 +1,225 @@
+"""The management API key: how it may be configured, how a request's key is checked, and
+the per-address limit on failed attempts.
+
+A key is configured (``-k/--api-key`` or ``TRISOCKS_API_KEY``) in one of four forms::
+
+    plaintext                        any string that does not start with a scheme below
+    sha256:<64 hex digits>           SHA-256 of the key
+    pbkdf2:sha256:<iterations>:<salt hex>:<hash hex>
+    scrypt:<n>:<r>:<p>:<salt hex>:<hash hex>
+
+Generate a hashed form with ``python -m trisocks.management.keys`` (it reads the key from
+standard input, or makes one up). Every comparison is constant-time; the slow hashes run
+in a worker thread, and once a key has been verified its SHA-256 is remembered so that
+later requests cost one hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import secrets
+import sys
+import time
+from collections import OrderedDict, deque
+
+import trio
+
+SCHEMES = ("sha256:", "pbkdf2:", "scrypt:")
+PBKDF2_ITERATIONS = 600_000
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
+_SCRYPT_MAXMEM = 256 << 20
+
+
+def _sha256(data: str) -> bytes:
+    return hashlib.sha256(data.encode()).digest()
+
+
+class ApiKey:
+    """One configured key. ``verify(candidate)`` is constant-time for the hash it holds."""
+
+    def __init__(self, spec: str) -> None:
+        if not spec:
+            raise ValueError("the API key is empty")
+        self.scheme = "plain"
+        self._fast: bytes | None = None  # sha256 of the key, when known
+        self._slow = None  # (function of candidate -> bytes, expected bytes)
+        if spec.startswith("sha256:"):
+            hexpart = spec[7:]
+            self.scheme = "sha256"
+            self._fast = _unhex(hexpart, 32, "sha256:<64 hex digits>")
+        elif spec.startswith("pbkdf2:"):
+            self.scheme = "pbkdf2"
+            parts = spec.split(":")
+            if len(parts) != 5 or parts[1] != "sha256" or not parts[2].isdigit():
+                raise ValueError("a pbkdf2 API key hash reads pbkdf2:sha256:<iterations>:<salt hex>:<hash hex>")
+            iterations = int(parts[2])
+            if not 1000 <= iterations <= 10_000_000:
+                raise ValueError("pbkdf2 iterations must be between 1000 and 10000000")
+            salt = _unhex(parts[3], None, "pbkdf2 salt (hex)")
+            expected = _unhex(parts[4], None, "pbkdf2 hash (hex)")
+            self._slow = (lambda c: hashlib.pbkdf2_hmac("sha256", c.encode(), salt, iterations,
+                                                        len(expected)), expected)
+        elif spec.startswith("scrypt:"):
+            self.scheme = "scrypt"
+            parts = spec.split(":")
+            if len(parts) != 6 or not all(p.isdigit() for p in parts[1:4]):
+                raise ValueError("a scrypt API key hash reads scrypt:<n>:<r>:<p>:<salt hex>:<hash hex>")
+            n, r, p = (int(x) for x in parts[1:4])
+            if n < 2 or n & (n - 1) or not 1 <= r <= 64 or not 1 <= p <= 16:
+                raise ValueError("scrypt parameters: n a power of two, 1 <= r <= 64, 1 <= p <= 16")
+            salt = _unhex(parts[4], None, "scrypt salt (hex)")
+            expected = _unhex(parts[5], None, "scrypt hash (hex)")
+            self._slow = (lambda c: hashlib.scrypt(c.encode(), salt=salt, n=n, r=r, p=p,
+                                                   maxmem=_SCRYPT_MAXMEM, dklen=len(expected)),
+                          expected)
+        else:
+            self._fast = _sha256(spec)
+
+    @property
+    def plaintext_configured(self) -> bool:
+        return self.scheme == "plain"
+
+    def __repr__(self) -> str:  # never the key, never its hash
+        return f"<ApiKey {self.scheme}>"
+
+    def verify_fast(self, candidate: str) -> bool | None:
+        """True/False when answerable with one SHA-256; None when the slow hash must run."""
+        digest = _sha256(candidate)
+        if self._fast is not None:
+            return hmac.compare_digest(digest, self._fast)
+        return None
+
+    def verify_slow(self, candidate: str) -> bool:
+        """The full check (slow for pbkdf2/scrypt: call from a worker thread)."""
+        fast = self.verify_fast(candidate)
+        if fast is not None:
+            return fast
+        derive, expected = self._slow
+        ok = hmac.compare_digest(derive(candidate), expected)
+        if ok:
+            self._fast = _sha256(candidate)  # from now on one hash per request
+        return ok
+
+    async def verify(self, candidate: str) -> bool:
+        fast = self.verify_fast(candidate)
+        if fast is not None:
+            return fast
+        return await trio.to_thread.run_sync(self.verify_slow, candidate)
+
+
+def _unhex(text: str, size: int | None, what: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"API key hash: expected {what}") from None
+    if (size is not None and len(raw) != size) or not raw:
+        raise ValueError(f"API key hash: expected {what}")
+    return raw
+
+
+def hash_key(key: str, scheme: str = "scrypt") -> str:
+    """The configured form of ``key`` for ``scheme`` (sha256, pbkdf2 or scrypt)."""
+    salt = secrets.token_bytes(16)
+    if scheme == "sha256":
+        return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    if scheme == "pbkdf2":
+        h = hashlib.pbkdf2_hmac("sha256", key.encode(), salt, PBKDF2_ITERATIONS, 32)
+        return f"pbkdf2:sha256:{PBKDF2_ITERATIONS}:{salt.hex()}:{h.hex()}"
+    if scheme == "scrypt":
+        h = hashlib.scrypt(key.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
+                           maxmem=_SCRYPT_MAXMEM, dklen=32)
+        return f"scrypt:{SCRYPT_N}:{SCRYPT_R}:{SCRYPT_P}:{salt.hex()}:{h.hex()}"
+    raise ValueError(f"unknown scheme {scheme!r} (sha256, pbkdf2 or scrypt)")
+
+
+def presented_keys(headers) -> list[str]:
+    """The keys a request presents: ``X-API-Key`` and ``Authorization: Bearer``."""
+    found = []
+    value = headers.get("x-api-key")
+    if value:
+        found.append(value.strip())
+    auth = headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        found.append(token.strip())
+    return found
+
+
+class FailureLimiter:
+    """At most ``max_failures`` failed attempts per address in ``window`` seconds.
+
+    Past that the address is refused (429, ``Retry-After``) until its oldest failure in the
+    window is ``window`` seconds old. A success clears the address's record. At most
+    ``max_addresses`` addresses are remembered (the least recently failing go first), so
+    a flood from many addresses costs bounded memory.
+    """
+
+    def __init__(self, max_failures: int = 10, window: float = 60.0,
+                 max_addresses: int = 10_000, clock=time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self.max_addresses = max_addresses
+        self.clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self.refused = 0
+
+    def retry_after(self, address: str) -> int:
+        """Seconds this address must wait (0: it may try now)."""
+        record = self._failures.get(address)
+        if not record:
+            return 0
+        now = self.clock()
+        while record and now - record[0] >= self.window:
+            record.popleft()
+        if not record:
+            del self._failures[address]
+            return 0
+        if len(record) < self.max_failures:
+            return 0
+        return max(1, math.ceil(record[0] + self.window - now))
+
+    def failed(self, address: str) -> None:
+        record = self._failures.pop(address, None)
+        if record is None:
+            record = deque(maxlen=self.max_failures)
+        record.append(self.clock())
+        self._failures[address] = record  # most recent last
+        while len(self._failures) > self.max_addresses:
+            self._failures.popitem(last=False)
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trisocks.management.keys",
+        description="Print the hashed form of a management API key, for -k/--api-key or "
+        "TRISOCKS_API_KEY. The key is read from standard input (one line); with --generate "
+        "a new random key is made and printed first.")
+    parser.add_argument("--scheme", choices=("scrypt", "pbkdf2", "sha256"), default="scrypt")
+    parser.add_argument("--generate", action="store_true", help="make up a new key")
+    args = parser.parse_args(argv)
+    if args.generate:
+        key = secrets.token_urlsafe(32)
+        print(f"key:  {key}")
+    else:
+        if sys.stdin.isatty():
+            import getpass
+
+            key = getpass.getpass("API key: ")
+        else:
+            key = sys.stdin.readline().rstrip("\r\n")
+        if not key:
+            print("error: empty key", file=sys.stderr)
+            return 2
+    print(("hash: " if args.generate else "") + hash_key(key, args.scheme))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
