@@ -309,7 +309,8 @@ class Channel:
                 error = (exc.strerror or str(exc)).lower()
             else:
                 error = "connection closed"
-        if self.state in (OPENING, OPEN) and not error and self.session.peer_window is None:
+        if (self.state in (OPENING, OPEN) and not error and self.bytes_up
+                and self.session.peer_window is None):
             # A peer without flow control may still be holding what we sent, and some
             # (pywssocks) throw that away when Disconnect arrives. Our socket ended cleanly,
             # so let the other end finish first: its own Disconnect cancels this wait.
