@@ -38,10 +38,17 @@ def pytest_configure(config) -> None:
 
 @pytest.fixture
 def procs(tmp_path):
-    """A ProcessFactory; every process it started is terminated (whole group) at teardown."""
+    """A ProcessFactory; every process it started is terminated (whole group) at teardown.
+
+    Whatever happened, a trisocks process must never have dumped a traceback: failures are
+    one clear log line each.
+    """
     factory = ProcessFactory(tmp_path / "logs")
     try:
         yield factory
+        for proc in factory.processes:
+            if proc.name.startswith("trisocks"):
+                assert "Traceback" not in proc.output(), f"traceback in a log\n{proc.describe()}"
     finally:
         factory.close()
 

@@ -167,8 +167,10 @@ def start_linksocks_server(factory: ProcessFactory, token: str = "test-token") -
     return Peer("linksocks-server", ports[0], proc)
 
 
-def start_linksocks_client(factory: ProcessFactory, url: str, token: str = "test-token") -> Peer:
-    """The linksocks client CLI; always relay-only (no STUN, nothing leaves the machine)."""
+def start_linksocks_client(factory: ProcessFactory, url: str, token: str = "test-token",
+                           command: str = "client") -> Peer:
+    """The linksocks client CLI (or its ``connector`` alias); always relay-only (no STUN,
+    nothing leaves the machine)."""
     exe = require_peer("linksocks")
 
     def ready(proc: ManagedProcess, ports: Sequence[int]) -> None:
@@ -178,8 +180,74 @@ def start_linksocks_client(factory: ProcessFactory, url: str, token: str = "test
 
     proc, ports = start_with_free_ports(
         factory,
-        lambda port: [exe, "client", "-t", token, "-u", url, "-s", HOST, "-p", str(port),
+        lambda port: [exe, command, "-t", token, "-u", url, "-s", HOST, "-p", str(port),
                       "--direct-mode", "relay-only", "--no-env-proxy"],
-        ready, 1, name="linksocks-client",
+        ready, 1, name=f"linksocks-{command}",
         env=clean_env({"COLUMNS": "250", "NO_COLOR": "1"}))  # one log record per line
-    return Peer("linksocks-client", ports[0], proc)
+    return Peer(f"linksocks-{command}", ports[0], proc)
+
+
+def start_linksocks_provider(factory: ProcessFactory, url: str, token: str) -> ManagedProcess:
+    """``linksocks provider``: no port of its own; ready once authenticated."""
+    exe = require_peer("linksocks")
+    proc = factory.start([exe, "provider", "-t", token, "-u", url, "--direct-mode", "relay-only",
+                          "--no-env-proxy"], name="linksocks-provider",
+                         env=clean_env({"COLUMNS": "250", "NO_COLOR": "1"}))
+    proc.wait_for_log("Authentication successful", READY_TIMEOUT)
+    return proc
+
+
+def start_linksocks_reverse_server(factory: ProcessFactory, reverse_token: str,
+                                   connector_token: str | None = None) -> tuple[Peer, int]:
+    """A LinkSocks server with one reverse token (and optionally a connector token for it);
+    returns the server and the reverse token's SOCKS5 port."""
+    require_peer("linksocks")
+
+    def argv(port: int, socks_port: int) -> list[str]:
+        args = [sys.executable, str(LINKSOCKS_SERVER_SCRIPT), str(port),
+                "--reverse", f"{reverse_token}:{socks_port}"]
+        if connector_token:
+            args += ["--connector", f"{connector_token}:{reverse_token}"]
+        return args
+
+    def ready(proc: ManagedProcess, ports: Sequence[int]) -> None:
+        proc.wait_for_log(re.escape(f"linksocks server ready on {HOST}:{ports[0]}"), READY_TIMEOUT)
+        proc.wait_for_port(ports[0], HOST)
+
+    proc, ports = start_with_free_ports(factory, argv, ready, 2, name="linksocks-server",
+                                        env=clean_env())
+    return Peer("linksocks-server", ports[0], proc), ports[1]
+
+
+# -- trisocks in reverse and agent modes ------------------------------------------------------
+
+_REVERSE_PORT = re.compile(r"SOCKS5 port 127\.0\.0\.1:(\d+)")
+
+
+def start_trisocks_reverse_server(factory: ProcessFactory, token: str,
+                                  connector_tokens: Sequence[str] = (),
+                                  extra: Sequence[str] = ()) -> tuple[Peer, int]:
+    """``trisocks server -r`` with one reverse token; returns the server and its SOCKS5 port
+    (which opens once a provider has connected)."""
+    argv = [*trisocks_cmd(), "server", "-H", HOST, "-P", "0", "-r", "-t", token, "-p", "0"]
+    for c in connector_tokens:
+        argv += ["-c", c]
+    proc = factory.start(argv + list(extra), name="trisocks-server", env=clean_env())
+    socks_port = int(proc.wait_for_log(_REVERSE_PORT, READY_TIMEOUT).group(1))
+    port = int(proc.wait_for_log(_TRISOCKS_SERVER_READY, READY_TIMEOUT).group(1))
+    proc.wait_for_port(port, HOST)
+    return Peer("trisocks-server", port, proc), socks_port
+
+
+def start_trisocks_provider(factory: ProcessFactory, url: str, token: str,
+                            extra: Sequence[str] = (), name: str = "trisocks-provider") -> ManagedProcess:
+    proc = factory.start([*trisocks_cmd(), "provider", "-u", url, "-t", token, *extra], name=name,
+                         env=clean_env())
+    proc.wait_for_log("as provider", READY_TIMEOUT)
+    return proc
+
+
+def start_trisocks_connector(factory: ProcessFactory, url: str, token: str) -> Peer:
+    return start_trisocks_client(factory, url, token, name="trisocks-connector",
+                                 argv=[*trisocks_cmd(), "connector", "-u", url, "-t", token,
+                                       "-s", HOST, "-p", "0"])
