@@ -154,7 +154,7 @@ class Channel:
             return False
         sock = self.sock
         if sock is None or self.pending:
-            self.pending += data
+            self._hold(data)
             if sock is not None:
                 self._kick_drain()
         else:
@@ -168,9 +168,22 @@ class Channel:
             if n:
                 self._consumed(n)
             if n < len(data):
-                self.pending += data[n:]
+                self._hold(data[n:])
                 self._kick_drain()
-        return len(self.pending) > self.limit
+        return len(self.pending) > self.limit or self.session.pending_bytes > self.session.pending_max
+
+    def _hold(self, data) -> None:
+        self.pending += data
+        self.session.pending_changed(len(data))
+
+    def _release(self, n: int) -> None:
+        del self.pending[:n]
+        self.session.pending_changed(-n)
+
+    def _drop_pending(self) -> None:
+        if self.pending:
+            self.session.pending_changed(-len(self.pending))
+            self.pending.clear()
 
     async def wait_space(self) -> None:
         while len(self.pending) > self.limit and self.state < CLOSED and not self.error:
@@ -206,7 +219,7 @@ class Channel:
                         if isinstance(exc, OSError):
                             self._write_failed(exc)
                         break
-                    del self.pending[:n]
+                    self._release(n)
                     self._consumed(n)
                     if len(self.pending) <= self.limit:
                         self._space_lot.unpark_all()
@@ -222,7 +235,7 @@ class Channel:
     def fail(self, error: str) -> None:
         """End the channel with an error: tell the peer, stop both directions."""
         self.error = self.error or error
-        self.pending.clear()
+        self._drop_pending()
         self._space_lot.unpark_all()
         if self.state in (OPENING, OPEN):
             self.session.send_if_open(protocol.Disconnect(self.id, self.error))
@@ -348,7 +361,7 @@ class Channel:
             self._remote_done.set()
             self._response_ready.set()
             self._pump_scope.cancel()
-            self.pending.clear()
+            self._drop_pending()
             if self._drain_scope is not None:
                 self._drain_scope.cancel()
 
@@ -358,6 +371,7 @@ class Channel:
         self.state = CLOSED
         if self._drain_scope is not None:
             self._drain_scope.cancel()
+        self._drop_pending()
         self._space_lot.unpark_all()
         self._credit_lot.unpark_all()
         close_socket(self.sock)

@@ -18,6 +18,7 @@ import os
 import random
 
 import trio
+from trio.lowlevel import ParkingLot
 
 from . import codec, protocol
 from .channel import CLOSED, OPEN, OPENING, Channel
@@ -27,8 +28,13 @@ from .outbox import Outbox
 log = logging.getLogger("trisocks.session")
 TRACE = 5  # below DEBUG: every message (-dd)
 
-DEFAULT_WINDOW = 4 << 20  # per-channel credit we grant trisocks peers
+# Per-channel credit we grant trisocks peers. It must cover what loopback-fast sockets hold
+# in flight between two processes (send buffer + receive buffer, several MiB each way):
+# 4 MiB left a bulk transfer waiting on credit; 16 MiB runs at socket speed (see
+# docs/performance.md). It is also the most a stalled reader makes us hold for its channel.
+DEFAULT_WINDOW = 16 << 20
 DEFAULT_PENDING = 2 << 20  # per-channel backlog before a LinkSocks peer's reader is paused
+SESSION_PENDING = 64 << 20  # all channels of a session together: past it, the read loop waits
 STALL_TIMEOUT = 30.0  # a channel that pauses the whole WebSocket this long is closed
 
 
@@ -77,6 +83,11 @@ class Session:
         self.peer_window = peer_window
         self.recv_window = recv_window if peer_window else 0
         self.pending_limit = max(self.recv_window, DEFAULT_PENDING)
+        # bytes held for slow local sockets, all channels together (a backstop for many
+        # stalled readers at once; one alone is bounded by its own limit)
+        self.pending_bytes = 0
+        self.pending_max = SESSION_PENDING
+        self._pending_space = ParkingLot()
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
         self.nursery: trio.Nursery | None = None
@@ -280,9 +291,17 @@ class Session:
     async def _wait_space(self, ch: Channel) -> None:
         with trio.move_on_after(STALL_TIMEOUT) as scope:
             await ch.wait_space()
+            while self.pending_bytes > self.pending_max:
+                await self._pending_space.park()
         if scope.cancelled_caught:
             log.warning("%s: %r has not read for %.0f s, closing it", self, ch, STALL_TIMEOUT)
             ch.fail("reader stalled")
+
+    def pending_changed(self, delta: int) -> None:
+        """Channels report what they hold for their sockets; wakes the read loop when it fell."""
+        self.pending_bytes += delta
+        if delta < 0 and self.pending_bytes <= self.pending_max >> 1:
+            self._pending_space.unpark_all()
 
     async def _on_message(self, data: bytes) -> None:
         try:
