@@ -35,9 +35,10 @@ $(EXT): src/trisocks/_relay.pyx $(STAMP)
 build: $(STAMP) $(EXT)
 	@$(BIN)/trisocks version
 
-# Tools the tests drive from the outside (curl); installed with apt when missing.
+# Tools the tests drive from the outside (curl, and nginx for the benchmark smoke run);
+# installed with apt when missing.
 tools:
-	@bash scripts/ensure-tools.sh curl
+	@bash scripts/ensure-tools.sh curl nginx
 
 run: build
 	@$(PY) scripts/run_demo.py $(ARGS)

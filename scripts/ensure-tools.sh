@@ -22,8 +22,16 @@ fi
 if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$sudo" ]; }; then
   echo "installing ${pkgs[*]} with apt-get (missing: ${missing[*]})" >&2
   export DEBIAN_FRONTEND=noninteractive
+  # Packages such as nginx start a system service when installed; the tests start their own
+  # instances on loopback ports, so keep the package from starting one (policy-rc.d: 101 = no).
+  made_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null && \
+      $sudo chmod +x /usr/sbin/policy-rc.d && made_policy=1
+  fi
   $sudo apt-get update -qq >/dev/null 2>&1 || true
   $sudo apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null 2>&1 || true
+  [ -n "$made_policy" ] && $sudo rm -f /usr/sbin/policy-rc.d
 fi
 still=()
 for tool in "${missing[@]}"; do command -v "$tool" >/dev/null 2>&1 || still+=("$tool"); done
