@@ -82,7 +82,7 @@ BUFFERS = BufferPool(HEADROOM + CHUNK)
 class Channel:
     __slots__ = (
         "id", "session", "sock", "state", "pending", "credit", "limit", "error",
-        "bytes_up", "bytes_down", "_unacked", "_credit_lot", "_space_lot", "_pump_scope",
+        "bytes_up", "bytes_down", "_unacked", "_lot", "_pump_scope",
         "_drain_scope", "_draining", "_drained", "_remote_done", "_response", "_response_ready",
         "target", "account", "ingress",
     )
@@ -102,15 +102,16 @@ class Channel:
         self.account = None  # set by Session.register
         self.ingress = False  # True when our socket is the user's (SOCKS5 side), False for a target
         self._unacked = 0
-        self._credit_lot = ParkingLot()
-        self._space_lot = ParkingLot()
+        # one lot for both waits (the pump for credit, the read loop for space): both are
+        # rare, and each waiter re-checks its own condition; idle channels stay small
+        self._lot = ParkingLot()
         self._pump_scope = trio.CancelScope()
         self._drain_scope: trio.CancelScope | None = None
         self._draining = False
-        self._drained = trio.Event()
+        self._drained: trio.Event | None = None  # made when somebody waits for a drain
         self._remote_done = trio.Event()
         self._response: protocol.ConnectResponse | None = None
-        self._response_ready = trio.Event()
+        self._response_ready: trio.Event | None = None  # made by wait_response (openers only)
 
     def __repr__(self) -> str:
         return f"<Channel {protocol.channel_str(self.id)[:8]} {self.target}>"
@@ -127,13 +128,20 @@ class Channel:
     # -- opening ---------------------------------------------------------------
     async def wait_response(self, timeout: float) -> protocol.ConnectResponse | None:
         """Wait for the peer's ConnectResponse; None on timeout or if the session ended."""
-        with trio.move_on_after(timeout):
-            await self._response_ready.wait()
+        if self._response is None and self.state < REMOTE_CLOSED:
+            if self._response_ready is None:
+                self._response_ready = trio.Event()
+            with trio.move_on_after(timeout):
+                await self._response_ready.wait()
         return self._response
 
     def on_response(self, msg: protocol.ConnectResponse) -> None:
         self._response = msg
-        self._response_ready.set()
+        self._wake_response()
+
+    def _wake_response(self) -> None:
+        if self._response_ready is not None:
+            self._response_ready.set()
 
     def attach(self, sock) -> None:
         """Give the channel its socket (after a successful dial or SOCKS handshake)."""
@@ -187,7 +195,7 @@ class Channel:
 
     async def wait_space(self) -> None:
         while len(self.pending) > self.limit and self.state < CLOSED and not self.error:
-            await self._space_lot.park()
+            await self._lot.park()
 
     def _consumed(self, n: int) -> None:
         self.bytes_down += n
@@ -201,7 +209,6 @@ class Channel:
     def _kick_drain(self) -> None:
         if not self._draining and self.sock is not None:
             self._draining = True
-            self._drained = trio.Event()
             self.session.nursery.start_soon(self._drain)
 
     async def _drain(self) -> None:
@@ -222,11 +229,12 @@ class Channel:
                     self._release(n)
                     self._consumed(n)
                     if len(self.pending) <= self.limit:
-                        self._space_lot.unpark_all()
+                        self._lot.unpark_all()
         finally:
             self._draining = False
-            self._drained.set()
-            self._space_lot.unpark_all()
+            if self._drained is not None:
+                self._drained.set()
+            self._lot.unpark_all()
 
     def _write_failed(self, exc: OSError) -> None:
         """The local socket refused our bytes: the channel is over."""
@@ -236,7 +244,7 @@ class Channel:
         """End the channel with an error: tell the peer, stop both directions."""
         self.error = self.error or error
         self._drop_pending()
-        self._space_lot.unpark_all()
+        self._lot.unpark_all()
         if self.state in (OPENING, OPEN):
             self.session.send_if_open(protocol.Disconnect(self.id, self.error))
             self.state = LOCAL_CLOSED
@@ -249,7 +257,7 @@ class Channel:
     # -- credit ------------------------------------------------------------------
     def add_credit(self, n: int) -> None:
         self.credit += n
-        self._credit_lot.unpark_all()
+        self._lot.unpark_all()
 
     # -- socket -> tunnel --------------------------------------------------------
     async def send_early(self, data: bytes) -> None:
@@ -273,7 +281,8 @@ class Channel:
             if self.state == LOCAL_CLOSED:
                 with trio.move_on_after(LINGER):
                     await self._remote_done.wait()
-            if self.pending and not self.error:
+            if self.pending and not self.error and self._draining:
+                self._drained = trio.Event()
                 with trio.move_on_after(LINGER):
                     await self._drained.wait()
         finally:
@@ -289,7 +298,7 @@ class Channel:
         try:
             while True:
                 while self.credit <= 0:
-                    await self._credit_lot.park()
+                    await self._lot.park()
                 item = pool.get()
                 try:
                     buf, view = item
@@ -352,14 +361,14 @@ class Channel:
             self._remote_done.set()
             if self._response is None:
                 self._response = protocol.ConnectResponse(False, self.id, error or "disconnected")
-                self._response_ready.set()
+                self._wake_response()
             self._pump_scope.cancel()
 
     def abort(self) -> None:
         """Session is gone: stop at once."""
         if self.state < CLOSED:
             self._remote_done.set()
-            self._response_ready.set()
+            self._wake_response()
             self._pump_scope.cancel()
             self._drop_pending()
             if self._drain_scope is not None:
@@ -372,7 +381,6 @@ class Channel:
         if self._drain_scope is not None:
             self._drain_scope.cancel()
         self._drop_pending()
-        self._space_lot.unpark_all()
-        self._credit_lot.unpark_all()
+        self._lot.unpark_all()
         close_socket(self.sock)
         self.session.forget(self)

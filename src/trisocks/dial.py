@@ -9,7 +9,6 @@ runs under one deadline; ``trio.TooSlowError`` means it passed.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import socket
 
@@ -20,10 +19,16 @@ from .transport import close_socket, tune_socket
 
 
 def literal_family(host: str) -> int | None:
-    """AF_INET/AF_INET6 for an IP literal, None for a name."""
+    """AF_INET/AF_INET6 for an IP literal, None for a name (inet_pton: no Python parsing)."""
     try:
-        return socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
+        socket.inet_pton(socket.AF_INET, host)
+        return socket.AF_INET
+    except OSError:
+        pass
+    try:
+        socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        return socket.AF_INET6
+    except OSError:
         return None
 
 

@@ -19,6 +19,8 @@ is ``parse``.
 
 from __future__ import annotations
 
+import os
+import random
 import struct
 import uuid
 import zlib
@@ -261,9 +263,19 @@ _json_encode = msgspec.json.encode
 # --- helpers ------------------------------------------------------------------
 
 
+_ids = random.Random(os.urandom(32))
+
+
 def new_channel_id() -> bytes:
-    """16 random bytes shaped as a UUID4 (LinkSocks parses them as one)."""
-    return uuid.uuid4().bytes
+    """16 random bytes shaped as a UUID4 (LinkSocks parses them as one).
+
+    Channel ids only have to be unique within a session (a peer cannot reach another
+    session's channels), so a PRNG seeded from the OS does: no syscall per channel.
+    """
+    raw = bytearray(_ids.getrandbits(128).to_bytes(16, "big"))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return bytes(raw)
 
 
 def channel_str(channel: bytes) -> str:
