@@ -305,3 +305,21 @@ def test_channel_state_constants_are_ordered():
     from trisocks import channel
 
     assert channel.OPENING < channel.OPEN < channel.LOCAL_CLOSED < channel.REMOTE_CLOSED < CLOSED
+
+
+async def test_channel_limit_per_session(env, monkeypatch):
+    tunnel, echo_port = env
+    from trisocks import session as session_module
+
+    monkeypatch.setattr(session_module, "MAX_CHANNELS", 3)
+    peer = await RawPeer.connect(tunnel.ws_port)
+    assert (await peer.authenticate()).success
+    answers = []
+    for _ in range(4):
+        channel = protocol.new_channel_id()
+        await peer.send_message(protocol.Connect(protocol.TCP, channel, "127.0.0.1", echo_port))
+        kind, data = await peer.next()
+        answers.append(protocol.parse(data))
+    assert [a.success for a in answers] == [True, True, True, False]
+    assert answers[3].error == "too many channels"
+    await peer.aclose()

@@ -35,6 +35,7 @@ TRACE = 5  # below DEBUG: every message (-dd)
 DEFAULT_WINDOW = 16 << 20
 DEFAULT_PENDING = 2 << 20  # per-channel backlog before a LinkSocks peer's reader is paused
 SESSION_PENDING = 64 << 20  # all channels of a session together: past it, the read loop waits
+MAX_CHANNELS = 10000  # channels one peer may have open on a session at once
 STALL_TIMEOUT = 30.0  # a channel that pauses the whole WebSocket this long is closed
 
 
@@ -106,6 +107,7 @@ class Session:
         self.account = None
         self.channels_total = 0
         self.trace = log.isEnabledFor(TRACE)  # decided once: the data path never asks the logger
+        self.max_channels = MAX_CHANNELS
 
     def __str__(self) -> str:
         return self.name
@@ -170,7 +172,10 @@ class Session:
                 ch.account.closed(ch)
 
     def refuse_reason(self, account=None) -> str | None:
-        """Why a new channel must be refused for this account (over quota, expired...), or None."""
+        """Why a new channel asked for by the peer must be refused (too many open, the
+        account over quota, expired...), or None."""
+        if len(self.channels) >= self.max_channels:
+            return "too many channels"
         account = account if account is not None else self.account
         return account.refuse_reason() if account is not None else None
 
