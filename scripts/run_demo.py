@@ -1,8 +1,10 @@
 """`make run`: a working tunnel on this machine, and what to paste next.
 
-Starts `trisocks server` on 127.0.0.1:8765 and `trisocks client` with SOCKS5 on
-127.0.0.1:9870, as two processes, with their state and logs under .run/. The
-token is kept in .run/token so that a restart reuses it. Ctrl-C stops both.
+Starts `trisocks server` on 127.0.0.1:8765 with the management API on, and
+`trisocks client` with SOCKS5 on 127.0.0.1:9870, as two processes, with their
+state and logs under .run/: the token (.run/token), the API key (.run/api-key,
+generated once and printed that time), and the database of users, tokens and
+counters (.run/trisocks.db). A restart reuses all three. Ctrl-C stops both.
 """
 
 from __future__ import annotations
@@ -57,10 +59,11 @@ def fail(message: str, log: Path | None = None) -> None:
 PROCS: list[subprocess.Popen] = []
 
 
-def start(args: list[str], log: Path) -> subprocess.Popen:
+def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     out = open(log, "w")
     # Same process group: Ctrl-C in the terminal reaches the server and client too.
-    proc = subprocess.Popen(TRISOCKS + args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(TRISOCKS + args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
     PROCS.append(proc)
     return proc
 
@@ -68,12 +71,25 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
 def stop_all() -> None:
     for proc in PROCS:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            # SIGTERM: the server saves its counters and stops (SIGINT may be ignored when
+            # make run itself was started in the background)
+            proc.send_signal(signal.SIGTERM)
     for proc in PROCS:
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def secret_file(path: Path, nbytes: int) -> tuple[str, bool]:
+    """The secret kept in ``path`` (made and saved 0600 the first time); True when new."""
+    if path.exists():
+        return path.read_text().strip(), False
+    value = secrets.token_urlsafe(nbytes)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value + "\n")
+    return value, True
 
 
 def main() -> None:
@@ -83,13 +99,8 @@ def main() -> None:
     args = parser.parse_args()
 
     STATE.mkdir(exist_ok=True)
-    token_file = STATE / "token"
-    if token_file.exists():
-        token = token_file.read_text().strip()
-    else:
-        token = secrets.token_urlsafe(16)
-        token_file.write_text(token + "\n")
-        token_file.chmod(0o600)
+    token, _ = secret_file(STATE / "token", 16)
+    api_key, new_key = secret_file(STATE / "api-key", 24)
 
     for what, port in (("server", args.ws_port), ("SOCKS5", args.socks_port)):
         if not port_free("127.0.0.1", port):
@@ -97,7 +108,10 @@ def main() -> None:
                  f"ARGS='--ws-port N --socks-port M'.")
 
     server_log, client_log = STATE / "server.log", STATE / "client.log"
-    server = start(["server", "-H", "127.0.0.1", "-P", str(args.ws_port), "-t", token], server_log)
+    # The API key goes in the environment: a command line is visible to every local user.
+    server = start(["server", "-H", "127.0.0.1", "-P", str(args.ws_port), "-t", token,
+                    "--db", str(STATE / "trisocks.db")], server_log,
+                   env={"TRISOCKS_API_KEY": api_key})
     wait_port(args.ws_port, server, server_log)
     url = f"ws://127.0.0.1:{args.ws_port}"
     client = start(["client", "-u", url, "-t", token, "-s", "127.0.0.1", "-p", str(args.socks_port)],
@@ -105,14 +119,19 @@ def main() -> None:
     wait_port(args.socks_port, client, client_log)
 
     socks = f"127.0.0.1:{args.socks_port}"
+    api = f"http://127.0.0.1:{args.ws_port}"
+    key_line = (f"  API key  {api_key}   (new: shown this once, kept in .run/api-key)"
+                if new_key else "  API key  kept in .run/api-key")
     print(f"""
 trisocks is running: a server and a client, both on this machine.
 
   server   {url}/socket          log: .run/server.log
   client   SOCKS5 on {socks}      log: .run/client.log
   token    {token}         (kept in .run/token)
+{key_line}
+  database .run/trisocks.db (users, tokens and traffic counters)
 
-Paste these in another terminal:
+Paste these in another terminal (from this directory):
 
   # through the tunnel to the server's own front page
   curl --socks5-hostname {socks} http://127.0.0.1:{args.ws_port}/
@@ -122,6 +141,13 @@ Paste these in another terminal:
 
   # a second client with its own SOCKS5 port
   .venv/bin/trisocks client -u {url} -t {token} -p {args.socks_port + 1}
+
+  # the management API (docs/api.md): status, then a user with a 1 GiB traffic limit
+  curl -H "X-API-Key: $(cat .run/api-key)" {api}/api/status
+  curl -H "X-API-Key: $(cat .run/api-key)" -X POST -d '{{"name": "alice", "limit_bytes": 1073741824}}' {api}/api/users
+
+  # then a client with alice's key (the "key" in the answer above)
+  .venv/bin/trisocks client --subscribe {api}/api/subscribe/ALICES_KEY -p {args.socks_port + 2}
 
 Press Ctrl-C to stop.
 """, flush=True)

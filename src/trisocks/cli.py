@@ -125,6 +125,27 @@ def build_parser() -> argparse.ArgumentParser:
          help="PEM certificate (chain) file: serve wss:// and https:// on the WebSocket port")
     _add(s, "--tls-key", env="TLS_KEY", default="",
          help="PEM private key file for --tls-cert (if not inside the certificate file)")
+    m = s.add_argument_group(
+        "management API and state (docs/api.md)",
+        "With -k the REST API (tokens, users with quotas, stats, events, /healthz, /metrics)\n"
+        "answers on the WebSocket port. With -k or --db, tokens created through the API,\n"
+        "users and traffic counters are kept in a SQLite database and restored at start.")
+    # not _add(): its help would show the key taken from the environment as the default
+    m.add_argument("-k", "--api-key", default=_env("API_KEY") or "", metavar="KEY",
+                   help="turn the management API on with this key (plaintext, or a hash: "
+                   "sha256:HEX, scrypt:..., pbkdf2:... - see 'python -m trisocks.management.keys')."
+                   " Prefer the environment variable: a command line is visible to every local "
+                   "user [env TRISOCKS_API_KEY]")
+    _add(m, "--api-bind", env="API_BIND", default="",
+         help="serve the API on its own listener HOST:PORT instead of the WebSocket port")
+    _add_flag(m, "--api-allow-remote", env="API_ALLOW_REMOTE",
+              help="let non-loopback addresses use the API (with the key); off: they get 403")
+    _add(m, "--db", env="DB", default="",
+         help="SQLite database for tokens, users and counters (default with -k: "
+         "$XDG_STATE_HOME/trisocks/trisocks.db, else ~/.local/state/trisocks/trisocks.db)")
+    _add(m, "--public-url", env="PUBLIC_URL", default="",
+         help="the WebSocket URL clients use to reach this server (ws[s]://host[:port]), for "
+         "/api/subscribe; default: what the request came to")
     _add_debug(s)
 
     for name, help_line, description in (
@@ -147,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
              help="token to authenticate with (forward, reverse or connector token)")
         _add(c, "-u", "--url", env="URL", default="ws://localhost:8765",
              help="WebSocket server URL (ws:// or http://; the path defaults to /socket)")
+        if name == "client":
+            _add(c, "--subscribe", env="SUBSCRIBE", default="",
+                 help="take the server URL and token from a subscription: the URL of a "
+                 "server's /api/subscribe/KEY, or a trisocks://KEY@HOST:PORT share link")
         if name == "client":
             _add_flag(c, "-r", "--reverse", env="REVERSE",
                       help="be a provider: open connections for the server's SOCKS5 clients")
@@ -224,6 +249,32 @@ def _credentials_pair(args) -> None:
         raise SystemExit("error: -n/--socks-username and -w/--socks-password go together")
 
 
+def _management(args):
+    """The management plane when -k or --db asks for it (None otherwise)."""
+    if not (args.api_key or args.db):
+        if args.api_bind or args.api_allow_remote:
+            raise SystemExit("error: --api-bind and --api-allow-remote need -k/--api-key")
+        return None
+    from .management import ApiKey, Management, SQLiteStore, default_path
+    from .management.serving import parse_bind
+
+    try:
+        key = ApiKey(args.api_key) if args.api_key else None
+        bind = parse_bind(args.api_bind) if args.api_bind else None
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if key is None and (bind or args.api_allow_remote):
+        raise SystemExit("error: --api-bind and --api-allow-remote need -k/--api-key")
+    if args.public_url and not args.public_url.startswith(("ws://", "wss://")):
+        raise SystemExit("error: --public-url must start with ws:// or wss://")
+    if key is not None and key.plaintext_configured and len(args.api_key) < 16:
+        log.warning("the API key is short (%d characters); use 16 or more, or a random one",
+                    len(args.api_key))
+    return Management(SQLiteStore(args.db or default_path()), api_key=key,
+                      allow_remote=args.api_allow_remote, api_bind=bind,
+                      public_url=args.public_url, handle_signals=True)
+
+
 def cmd_server(args) -> int:
     from .server import Server, ServerConfig
     from .tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable, generate, redact
@@ -231,10 +282,15 @@ def cmd_server(args) -> int:
     _credentials_pair(args)
     if not args.reverse and (args.connector_token or args.connector_autonomy):
         raise SystemExit("error: -c/--connector-token and -a/--connector-autonomy need -r/--reverse")
-    tokens = TokenTable()
+    management = _management(args)
+    tokens = management.tokens if management is not None else TokenTable()
     given = args.token or []
     kind = "reverse" if args.reverse else "forward"
-    if not given:
+    if not given and management is not None and management.api_key is not None:
+        # tokens and users come from the API (and the database)
+        if args.connector_token:
+            raise SystemExit("error: -c/--connector-token needs a -t reverse token")
+    elif not given:
         token = generate()
         given = [token]
         print(f"No token given; generated {kind} token: {token}", flush=True)
@@ -268,14 +324,24 @@ def cmd_server(args) -> int:
                           socks_nowait=args.socks_nowait, fast_open=args.fast_open,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, dialer=dialer)
     try:
-        server = Server(config, tokens)
+        server = (management.create_server(config) if management is not None
+                  else Server(config, tokens))
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     log.info("%d %s token(s)%s configured", len(given), kind,
              f" and {len(args.connector_token)} connector token(s)" if args.connector_token else "")
     for token in given:
         log.debug("token %s", redact(token))
-    trio.run(server.serve)
+    if management is None:
+        trio.run(server.serve)
+        return 0
+    from .management import StoreError
+
+    try:
+        trio.run(management.run)
+    except StoreError as exc:
+        log.error("database: %s", exc)
+        return 1
     return 0
 
 
@@ -286,6 +352,18 @@ def cmd_client(args) -> int:
     if args.threads < 1:
         raise SystemExit("error: -T/--threads must be at least 1")
     reverse = args.command == "provider" or getattr(args, "reverse", False)
+    if getattr(args, "subscribe", ""):
+        from .management.subscription import fetch
+
+        if reverse:
+            raise SystemExit("error: --subscribe is for forward clients")
+        try:
+            sub = fetch(args.subscribe, ca_file=args.ca_file, insecure=args.insecure)
+        except ValueError as exc:
+            raise SystemExit(f"error: --subscribe: {exc}") from None
+        args.url, args.token = sub.server, sub.token
+        if args.socks_port == 9870 and _env("SOCKS_PORT") is None and sub.socks_port:
+            args.socks_port = sub.socks_port
     if getattr(args, "connector_token", "") and not reverse:
         raise SystemExit("error: -c/--connector-token is for providers (client -r, or 'provider')")
     config = ClientConfig(

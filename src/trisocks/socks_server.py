@@ -32,7 +32,9 @@ class Credentials:
 
     Anything with a ``check(username, password)`` method can stand in for it: the
     result is falsy to refuse, ``True`` to accept, or an account object to accept
-    and meter the connection's channels to (management-plane users).
+    and meter the connection's channels to (management-plane users). One whose
+    ``optional`` attribute is true also accepts clients that offer no authentication;
+    clients that offer username/password are still checked.
     """
 
     def __init__(self, username: str, password: str) -> None:
@@ -130,6 +132,8 @@ class SocksServer:
 
         (methods,) = await read(socks5.parse_greeting)
         method = socks5.choose_method(methods, self.credentials is not None)
+        if method == socks5.NO_ACCEPTABLE and getattr(self.credentials, "optional", False):
+            method = socks5.choose_method(methods, False)  # credentials optional: no-auth is fine too
         await sock_sendall(sock, socks5.method_reply(method))
         account = None
         if method == socks5.NO_ACCEPTABLE:

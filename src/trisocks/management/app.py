@@ -1,0 +1,299 @@
+"""The quart-trio application: the operation table, request checking, and the app itself.
+
+Each endpoint is declared once with :func:`operation` (method, path, who may call it,
+the Struct its body decodes into, the Structs it answers with). That declaration
+registers the Quart route, drives validation and error answers, and is what
+``/api/openapi.json`` is generated from (openapi.py), so the schema cannot drift from
+the code.
+
+Who may call what:
+
+``public``  anyone (``/``, ``/healthz``, ``/api/openapi.json``)
+``user``    anyone holding a user's access key, which is in the path (``/api/subscribe``)
+``key``     the management API key, from a loopback address unless --api-allow-remote
+
+Failed keys (API or user) count against the caller's address; past the limit it gets
+429 with ``Retry-After`` (keys.FailureLimiter).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+from quart import Response, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from .._version import __version__
+from . import schemas
+from .keys import presented_keys
+
+log = logging.getLogger("trisocks.management.api")
+
+MAX_BODY = 1 << 20
+FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+_FIELD_RE = re.compile(r"at `\$\.([^`\[]+)|field `([^`]+)`")
+
+
+class ApiError(Exception):
+    """Answer ``{"success": false, "error": message}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+        self.field = field
+
+    def body(self):
+        if self.status == 422:
+            return schemas.ValidationError(error=self.message, field=self.field)
+        return schemas.Error(error=self.message)
+
+
+@dataclass
+class Reply:
+    body: object  # a Struct (JSON), or str/bytes with content_type
+    status: int = 200
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Call:
+    """What a handler gets: the plane, the decoded body and query, path parameters, and
+    facts about the caller."""
+
+    plane: object
+    body: object
+    query: object
+    params: dict[str, str]
+    headers: object
+    client: str
+    scheme: str
+    host: str
+
+
+Handler = Callable[[Call], Awaitable[object]]
+
+
+@dataclass
+class Operation:
+    method: str
+    path: str  # OpenAPI style: /api/users/{key}
+    handler: Handler
+    summary: str
+    tag: str
+    auth: str = "key"  # public | user | key
+    body: type | None = None
+    body_optional: bool = False  # an empty body means {}
+    body_error: str = "invalid request body"  # the 400 message for malformed JSON
+    query: type | None = None
+    responses: dict[int, tuple[type | None, str]] = field(default_factory=dict)
+    content_types: dict[int, str] = field(default_factory=dict)  # non-JSON answers
+    description: str = ""
+    operation_id: str = ""
+    hidden: bool = False  # registered, but not in the OpenAPI document
+
+
+OPERATIONS: list[Operation] = []
+
+
+def operation(method: str, path: str, *, summary: str, tag: str, **kw):
+    def register(fn: Handler) -> Handler:
+        OPERATIONS.append(Operation(method, path, fn, summary, tag,
+                                    operation_id=kw.pop("operation_id", fn.__name__), **kw))
+        return fn
+
+    return register
+
+
+# -- encoding --------------------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+
+
+def json_response(obj, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encoder.encode(obj) + b"\n", status=status, content_type="application/json",
+                    headers=headers or {})
+
+
+def error_response(exc: ApiError) -> Response:
+    return json_response(exc.body(), exc.status, exc.headers)
+
+
+def _validation_field(message: str) -> str | None:
+    m = _FIELD_RE.search(message)
+    if not m:
+        return None
+    return m.group(1) or m.group(2)
+
+
+def decode_body(op: Operation, data: bytes):
+    if not data.strip():
+        if op.body_optional:
+            data = b"{}"
+        else:
+            raise ApiError(400, op.body_error)
+    try:
+        return msgspec.json.decode(data, type=op.body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        if op.body_error != "invalid request body" and "Expected `object`" in message:
+            raise ApiError(400, op.body_error) from None
+        raise ApiError(422, message, field=_validation_field(message)) from None
+    except msgspec.DecodeError:
+        raise ApiError(400, op.body_error) from None
+
+
+def decode_query(op: Operation, args) -> object:
+    known = set(op.query.__struct_fields__)
+    raw = {k: v for k, v in args.items() if k in known}
+    try:
+        return msgspec.convert(raw, op.query, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        raise ApiError(422, message, field=_validation_field(message)) from None
+
+
+# -- who is calling ----------------------------------------------------------------------------------
+
+
+def client_host() -> str:
+    client = request.scope.get("client")
+    return str(client[0]) if client else ""
+
+
+def is_local_request() -> bool:
+    """From a loopback address, and not relayed by a proxy on this machine."""
+    if any(h in request.headers for h in FORWARDING_HEADERS):
+        return False
+    host = client_host()
+    try:
+        addr = ipaddress.ip_address(host.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+async def check_api_key(plane) -> None:
+    """Raise ApiError 403/429/401 unless the caller may use the management API."""
+    if not plane.allow_remote and not is_local_request():
+        raise ApiError(403, "remote management disabled")
+    address = client_host()
+    wait = plane.limiter.retry_after(address)
+    if wait:
+        plane.note_rate_limited(address)
+        raise ApiError(429, "too many failed attempts; retry later",
+                       headers={"Retry-After": str(wait)})
+    for candidate in presented_keys(request.headers):
+        if await plane.api_key.verify(candidate):
+            plane.limiter.succeeded(address)
+            return
+    plane.limiter.failed(address)
+    plane.note_api_auth_failure(address)
+    raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": 'Bearer realm="trisocks"'})
+
+
+def check_rate(plane) -> str:
+    address = client_host()
+    wait = plane.limiter.retry_after(address)
+    if wait:
+        plane.note_rate_limited(address)
+        raise ApiError(429, "too many failed attempts; retry later",
+                       headers={"Retry-After": str(wait)})
+    return address
+
+
+# -- the app ---------------------------------------------------------------------------------------------
+
+
+def _quart_path(path: str) -> str:
+    def conv(m):
+        name = m.group(1)
+        return f"<path:{name}>" if name == "token" else f"<{name}>"
+
+    return re.sub(r"\{(\w+)\}", conv, path)
+
+
+def _wrap(plane, op: Operation):
+    async def view(**params):
+        try:
+            if op.auth == "key":
+                await check_api_key(plane)
+            elif op.auth == "user":
+                check_rate(plane)
+            body = None
+            if op.body is not None:
+                body = decode_body(op, await request.get_data(cache=False))
+            query = decode_query(op, request.args) if op.query is not None else None
+            call = Call(plane, body, query, params, request.headers, client_host(),
+                        request.scheme, request.headers.get("host", ""))
+            result = await op.handler(call)
+        except ApiError as exc:
+            return error_response(exc)
+        except HTTPException:
+            raise
+        except Exception:
+            # the path is not logged: it may hold a token or a user's key
+            log.exception("internal error in %s %s", op.method, op.path)
+            return json_response(schemas.Error(error="internal error"), 500)
+        if isinstance(result, Response):
+            return result
+        if not isinstance(result, Reply):
+            result = Reply(result)
+        if isinstance(result.body, (str, bytes)):
+            data = result.body.encode() if isinstance(result.body, str) else result.body
+            return Response(data, status=result.status, content_type=result.content_type,
+                            headers=result.headers)
+        return json_response(result.body, result.status, result.headers)
+
+    view.__name__ = f"{op.operation_id}_{op.method.lower()}"
+    return view
+
+
+def create_app(plane) -> QuartTrio:
+    # importing the route modules fills OPERATIONS
+    from . import routes_observe, routes_tokens, routes_users  # noqa: F401
+
+    app = QuartTrio("trisocks.management")
+    # Quart's own report names the request path, which may hold a token or a user's key
+    app.log_exception = lambda exc_info: log.error("internal error", exc_info=exc_info)
+    app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, BODY_TIMEOUT=30, RESPONSE_TIMEOUT=60,
+                      PROVIDE_AUTOMATIC_OPTIONS=True)
+    for op in OPERATIONS:
+        app.add_url_rule(_quart_path(op.path), view_func=_wrap(plane, op), methods=[op.method],
+                         strict_slashes=False if op.path == "/" else None)
+
+    @app.after_request
+    async def server_header(response):
+        response.headers["Server"] = f"trisocks/{__version__}"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException):
+        status = exc.code or 500
+        message = {404: "not found", 405: "method not allowed", 413: "request body too large"}.get(
+            status, (exc.name or "error").lower())
+        headers = {}
+        allow = exc.get_headers() if status == 405 else []
+        for name, value in allow:
+            if name.lower() == "allow":
+                headers["Allow"] = value
+        return json_response(schemas.Error(error=message), status, headers)
+
+    @app.errorhandler(Exception)
+    async def crash(exc: Exception):
+        log.error("internal error: %r", type(exc).__name__)
+        return json_response(schemas.Error(error="internal error"), 500)
+
+    return app

@@ -1,0 +1,76 @@
+"""What happened: authentications, token and user changes, quota hits, providers coming
+and going. Kept in memory (the most recent ``keep``) for ``GET /api/events``, and handed
+to the store by the flusher so that they survive a restart.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from .store import EventRecord
+
+# every event type, for the docs and the API's filter
+TYPES = (
+    "auth_success", "auth_failure", "session_closed", "provider_joined", "provider_left",
+    "token_added", "token_removed",
+    "user_created", "user_updated", "user_deleted", "user_reset", "user_rotated",
+    "quota_exceeded", "user_expired",
+    "api_auth_failure", "api_rate_limited",
+    "store_error",
+)
+
+
+class EventLog:
+    def __init__(self, keep: int = 10_000, unsaved_max: int = 10_000) -> None:
+        self._ring: deque[EventRecord] = deque(maxlen=keep)
+        self._unsaved: deque[EventRecord] = deque(maxlen=unsaved_max)
+        self._next_id = 1
+        self.counts: dict[str, int] = {}
+
+    def restore(self, records: list[EventRecord]) -> None:
+        for rec in records:
+            self._ring.append(rec)
+            self._next_id = max(self._next_id, rec.id + 1)
+
+    def add(self, type: str, *, token: str | None = None, user: str | None = None,
+            peer: str | None = None, role: str | None = None, detail: str | None = None) -> EventRecord:
+        rec = EventRecord(id=self._next_id, time=time.time(), type=type, token=token, user=user,
+                          peer=peer, role=role, detail=detail)
+        self._next_id += 1
+        self._ring.append(rec)
+        self._unsaved.append(rec)
+        self.counts[type] = self.counts.get(type, 0) + 1
+        return rec
+
+    def take_unsaved(self) -> list[EventRecord]:
+        items = list(self._unsaved)
+        self._unsaved.clear()
+        return items
+
+    def put_back(self, items: list[EventRecord]) -> None:
+        """A flush failed: keep them for the next one (oldest dropped past the bound)."""
+        self._unsaved.extendleft(reversed(items))
+
+    def query(self, *, limit: int = 100, since: float | None = None, until: float | None = None,
+              token: str | None = None, user: str | None = None, type: str | None = None,
+              user_aliases: frozenset[str] = frozenset()) -> list[EventRecord]:
+        """The most recent ``limit`` events that match, oldest first."""
+        names = {user} | set(user_aliases) if user is not None else None
+        out: list[EventRecord] = []
+        for rec in reversed(self._ring):
+            if until is not None and rec.time > until:
+                continue
+            if since is not None and rec.time < since:
+                break
+            if token is not None and rec.token != token:
+                continue
+            if names is not None and rec.user not in names:
+                continue
+            if type is not None and rec.type != type:
+                continue
+            out.append(rec)
+            if len(out) >= limit:
+                break
+        out.reverse()
+        return out

@@ -1,0 +1,240 @@
+"""Every request and response body of the management API, as msgspec Structs.
+
+One definition gives validation (bodies are decoded straight into these types: a wrong
+type or a missing field is a 422 naming the field, an unknown field is refused), the JSON
+encoding, and the OpenAPI schema (``/api/openapi.json``, see openapi.py).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+# -- shared pieces ---------------------------------------------------------------------------
+
+Port = Annotated[int, Meta(ge=0, le=65535, description="TCP port; 0 or absent: any free port")]
+Bytes = Annotated[int, Meta(ge=0, le=1 << 62)]
+UserKey = Annotated[str, Meta(
+    pattern=r"^[A-Za-z0-9._~-]{8,128}$",
+    description="8 to 128 characters of A-Z a-z 0-9 . _ ~ - (it goes in URLs and share links)")]
+UserName = Annotated[str, Meta(
+    pattern=r"^[A-Za-z0-9._@+-]{1,64}$",
+    description="1 to 64 characters of A-Z a-z 0-9 . _ @ + - ; unique; the SOCKS5 username "
+    "on reverse-mode ports")]
+Timestamp = Annotated[datetime, Meta(tz=True, description="RFC 3339 date-time with a time zone")]
+Status = Literal["active", "disabled"]
+
+
+class Request(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of request bodies: unknown fields are refused."""
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+class Error(Struct, kw_only=True):
+    """Every error: ``success`` is false and ``error`` says why."""
+
+    success: bool = False
+    error: str
+
+
+class ValidationError(Struct, kw_only=True):
+    """A body or query parameter of the wrong type, missing, out of range or unknown (422)."""
+
+    success: bool = False
+    error: str
+    field: str | None = None
+
+
+# -- LinkSocks token API ---------------------------------------------------------------------------
+
+
+class TokenRequest(Request):
+    """POST /api/token. LinkSocks clients send every field (zero values for the unused ones),
+    so every field is accepted for every type; zero values mean "not given"."""
+
+    type: str
+    token: str = ""
+    port: Port | None = None
+    username: str = ""
+    password: str = ""
+    reverse_token: str = ""
+    allow_manage_connector: bool = False
+
+
+class TokenDeleteRequest(Request):
+    """DELETE /api/token. Same fields as TokenRequest (LinkSocks decodes the same struct)."""
+
+    token: str = ""
+    type: str = ""
+    port: Port | None = None
+    username: str = ""
+    password: str = ""
+    reverse_token: str = ""
+    allow_manage_connector: bool = False
+
+
+class TokenResult(Struct, kw_only=True):
+    success: bool = True
+    token: str
+    port: int | UnsetType = UNSET  # reverse tokens only
+
+
+class TokenStatus(Struct, kw_only=True):
+    token: str
+    type: Literal["forward", "reverse"]
+    clients_count: int
+    port: int | UnsetType = UNSET  # reverse tokens only
+    connector_tokens: list[str] | UnsetType = UNSET  # reverse tokens that have some
+
+
+class StatusResponse(Struct, kw_only=True):
+    version: str
+    tokens: list[TokenStatus]
+
+
+# -- users -----------------------------------------------------------------------------------------
+
+
+class UserCreate(Request):
+    key: UserKey | UnsetType = UNSET
+    name: UserName | UnsetType = UNSET
+    limit_bytes: Bytes | None = None
+    expires_at: Timestamp | None = None
+    status: Status = "active"
+
+
+class UserLimit(Request):
+    limit_bytes: Bytes | None
+
+
+class UserExpiry(Request):
+    expires_at: Timestamp | None
+
+
+class UserPatch(Request):
+    """Change any of these; absent fields stay as they are."""
+
+    status: Status | UnsetType = UNSET
+    name: UserName | UnsetType = UNSET
+    limit_bytes: Bytes | None | UnsetType = UNSET
+    expires_at: Timestamp | None | UnsetType = UNSET
+
+
+class User(Struct, kw_only=True):
+    key: str
+    name: str
+    id: str
+    bytes_up: int
+    bytes_down: int
+    connections: int  # open channels (SOCKS5 connections) now
+    total_connections: int
+    clients: int  # WebSocket sessions authenticated with the key now
+    limit_bytes: int | None
+    expires_at: datetime | None
+    status: Status
+    blocked: str | None  # why traffic is refused now ("traffic limit reached", "expired", "disabled")
+    created_at: datetime
+    last_seen: datetime | None
+
+
+class UserList(Struct, kw_only=True):
+    users: list[User]
+    total: int
+
+
+class Deleted(Struct, kw_only=True):
+    success: bool = True
+    key: str
+
+
+class ServerStatus(Struct, kw_only=True):
+    version: str
+    uptime_seconds: float
+    total_users: int
+    status: Literal["running"]
+
+
+# -- subscribe -------------------------------------------------------------------------------------
+
+
+class Subscription(Struct, kw_only=True):
+    """What a client needs: ``trisocks client -u SERVER -t TOKEN -p SOCKS_PORT``."""
+
+    server: str  # WebSocket URL of the tunnel
+    token: str
+    mode: Literal["forward"]
+    socks_port: int  # suggested local SOCKS5 port
+    share_link: str
+    name: str
+    expires_at: datetime | None
+    limit_bytes: int | None
+
+
+# -- observability -----------------------------------------------------------------------------------
+
+
+class Figures(Struct, kw_only=True):
+    bytes_up: int
+    bytes_down: int
+    rate_up: float  # bytes per second, over the last second
+    rate_down: float
+    channels: int  # open now
+    clients: int  # WebSocket sessions now
+
+
+class TokenFigures(Figures, kw_only=True):
+    token: str
+    type: Literal["forward", "reverse", "connector"]
+    total_connections: int
+    providers: int | UnsetType = UNSET  # reverse tokens
+
+
+class UserFigures(Figures, kw_only=True):
+    key: str
+    name: str
+    total_connections: int
+
+
+class Stats(Struct, kw_only=True):
+    uptime_seconds: float
+    totals: Figures
+    tokens: list[TokenFigures]
+    users: list[UserFigures]
+
+
+class EventsQuery(Struct, kw_only=True):
+    limit: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    since: Timestamp | None = None
+    until: Timestamp | None = None
+    token: str | None = None
+    user: str | None = None  # a user's name or key
+    type: str | None = None
+
+
+class Event(Struct, kw_only=True):
+    id: int
+    time: datetime
+    type: str
+    token: str | None = None
+    user: str | None = None
+    peer: str | None = None
+    role: str | None = None
+    detail: str | None = None
+
+
+class Events(Struct, kw_only=True):
+    events: list[Event]
+
+
+class HealthChecks(Struct, kw_only=True):
+    database: str
+    listener: str
+
+
+class Health(Struct, kw_only=True):
+    status: Literal["ok", "error"]
+    checks: HealthChecks
