@@ -135,3 +135,30 @@ async def test_half_close_from_target_delivers_everything(nursery):
                 got += data
         assert hashlib.sha256(got).digest() == hashlib.sha256(answer).digest()
         await stream.aclose()
+
+
+@pytest.mark.parametrize("flow", [True, False], ids=["trisocks-flow", "linksocks-style"])
+async def test_slow_reader_gets_everything_after_the_target_closed(nursery, monkeypatch, flow):
+    """The target sends it all and closes at once; the SOCKS5 program reads slowly for far
+    longer than any linger. Every byte must still arrive (regression: the tail was dropped)."""
+    from trisocks import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "LINGER", 0.3)
+    answer = os.urandom(6 << 20)
+
+    async def say_and_close(stream):
+        await stream.send_all(answer)
+        await stream.aclose()
+
+    port = await serve_tcp(nursery, say_and_close)
+    window = 16 << 20 if flow else 0
+    tunnel = await start_tunnel(nursery, server_cfg={"window": window}, client_cfg={"window": window})
+    stream = await socks_connect(tunnel.socks_port, "127.0.0.1", port)
+    got = bytearray()
+    with trio.fail_after(30):
+        while data := await stream.receive_some(32 << 10):
+            got += data
+            await trio.sleep(0.01)  # a slow reader: ~3 MB/s, two seconds in all
+    assert len(got) == len(answer)
+    assert hashlib.sha256(got).digest() == hashlib.sha256(answer).digest()
+    await stream.aclose()

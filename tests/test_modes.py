@@ -498,3 +498,31 @@ async def test_no_reconnect_exits_on_loss(nursery):
     while isinstance(leaf, BaseExceptionGroup):
         leaf = leaf.exceptions[0]
     assert isinstance(leaf, TunnelError)
+
+
+async def test_agent_mode_slow_reader_gets_everything(nursery, monkeypatch):
+    import hashlib
+
+    from trisocks import bridge as bridge_module
+    from trisocks import channel as channel_module
+
+    monkeypatch.setattr(channel_module, "LINGER", 0.3)
+    monkeypatch.setattr(bridge_module, "LINGER", 0.3)
+    answer = os.urandom(6 << 20)
+
+    async def say_and_close(stream):
+        await stream.send_all(answer)
+        await stream.aclose()
+
+    port = await serve_tcp(nursery, say_and_close)
+    server = await start_server(nursery, reverse=[(REV, {})], connectors=[(CONN, REV)])
+    await start_client(nursery, server, REV, reverse=True)
+    connector, _ = await start_client(nursery, server, CONN)
+    stream = await socks_connect(connector.socks_port, "127.0.0.1", port)
+    got = bytearray()
+    with trio.fail_after(30):
+        while data := await stream.receive_some(32 << 10):
+            got += data
+            await trio.sleep(0.01)  # a slow reader
+    assert hashlib.sha256(got).digest() == hashlib.sha256(answer).digest()
+    await stream.aclose()

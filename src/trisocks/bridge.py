@@ -229,8 +229,20 @@ class Bridge:
             end.session.nursery.start_soon(self._linger)
 
     async def _linger(self) -> None:
-        await trio.sleep(LINGER)
+        """One side said Disconnect: give the other time to answer, and for as long as bytes
+        still waiting for window keep moving, let them go out first."""
+        held = self._held()
+        while True:
+            await trio.sleep(LINGER)
+            now = self._held()
+            if not now or now >= held:
+                break
+            held = now
         self._finish()
+
+    def _held(self) -> int:
+        return sum(len(end.out) for end in (self.connector, self.provider)
+                   if end is not None and not end.state)
 
     def fail(self, error: str) -> None:
         for end in (self.connector, self.provider):

@@ -43,6 +43,7 @@ log = logging.getLogger("trisocks.channel")
 CHUNK = 256 << 10  # largest Data payload we send (pywssocks caps a message at 1 MiB)
 LINGER = 5.0  # how long a closing channel waits for the peer's Disconnect or for a slow reader
 EOF_GRACE_MIN, EOF_GRACE_MAX = 2.0, 60.0  # see Channel._eof_grace
+DRAIN_STALL = 30.0  # a reader that takes nothing this long after its peer closed is given up
 UNLIMITED = 1 << 62
 
 OPENING, OPEN, LOCAL_CLOSED, REMOTE_CLOSED, CLOSED = range(5)
@@ -281,12 +282,24 @@ class Channel:
             if self.state == LOCAL_CLOSED:
                 with trio.move_on_after(LINGER):
                     await self._remote_done.wait()
-            if self.pending and not self.error and self._draining:
-                self._drained = trio.Event()
-                with trio.move_on_after(LINGER):
-                    await self._drained.wait()
+            if self.pending and not self.error:
+                await self._flush_pending()
         finally:
             self.finish()
+
+    async def _flush_pending(self) -> None:
+        """The tunnel side is done, but we still hold bytes for our socket: keep writing them
+        for as long as the socket takes any. A slow reader gets everything; only a reader
+        that takes nothing for DRAIN_STALL seconds loses the rest (and the channel ends)."""
+        while self.pending and not self.error and self._draining:
+            before = len(self.pending)
+            self._drained = trio.Event()
+            with trio.move_on_after(DRAIN_STALL):
+                await self._drained.wait()
+            if len(self.pending) >= before:
+                log.info("%r: reader took nothing for %.0f s; dropping %d bytes", self,
+                         DRAIN_STALL, len(self.pending))
+                return
 
     async def _pump(self) -> None:
         sock = self.sock

@@ -31,7 +31,7 @@ from .errors import AuthError, MessageError, TunnelError
 from .handshake import HandshakeError, client_handshake, parse_window
 from .ingress import Ingress
 from .pool import SessionPool
-from .session import DEFAULT_WINDOW, Handler, Session, read_message
+from .session import DEFAULT_WINDOW, RECV_BUFFER, Handler, Session, read_message
 from .socks_server import Credentials, SocksServer
 from .tokens import redact
 from .transport import SocketTransport, close_socket, tls_wrap
@@ -275,7 +275,7 @@ class Client:
         try:
             headers, leftover = await client_handshake(transport, ep.host_header, ep.resource,
                                                        window=cfg.window)
-            decoder = Decoder(expect_masked=False, max_message=cfg.max_message)
+            decoder = Decoder(expect_masked=False, max_message=cfg.max_message, buffer_size=RECV_BUFFER)
             decoder.feed_bytes(leftover)
             session = Session(
                 transport, decoder, client_side=True, handler=self.handler,

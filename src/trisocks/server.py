@@ -34,7 +34,7 @@ from .errors import MessageError
 from .handshake import HandshakeError, Request, accept_websocket, error_response, read_request, response
 from .ingress import Ingress
 from .pool import SessionPool
-from .session import DEFAULT_WINDOW, Handler, Session, read_message
+from .session import DEFAULT_WINDOW, RECV_BUFFER, Handler, Session, read_message
 from .socks_server import Credentials, SocksServer
 from .tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, TokenTable, generate, redact
 from .transport import SocketTransport, accept_loop, close_socket, listen_tcp, tls_wrap
@@ -221,7 +221,8 @@ class Server:
             await _reply(transport, error_response(exc.status, exc.message))
             return
         await transport.send_all(answer)
-        decoder = Decoder(expect_masked=True, max_message=self.config.max_message)
+        decoder = Decoder(expect_masked=True, max_message=self.config.max_message,
+                          buffer_size=RECV_BUFFER)
         decoder.feed_bytes(req.leftover)
 
         if "token" in req.query:
