@@ -526,3 +526,45 @@ async def test_agent_mode_slow_reader_gets_everything(nursery, monkeypatch):
             await trio.sleep(0.01)  # a slow reader
     assert hashlib.sha256(got).digest() == hashlib.sha256(answer).digest()
     await stream.aclose()
+
+
+async def test_autonomy_restarted_provider_takes_its_token_back(nursery):
+    server = await start_server(nursery, reverse=[(REV, {"allow_manage_connector": True})])
+    echo = await serve_tcp(nursery, echo_handler)
+    first, first_scope = await start_client(nursery, server, REV, reverse=True, connector_token="ctok-restart-1")
+    await wait_for(lambda: server.tokens.get("ctok-restart-1"))
+    other, _ = await start_client(nursery, server, REV, reverse=True)
+    # a live owner keeps its token: another provider cannot take it
+    ok, error = await other.manage_connector(other.sessions[0], "ctok-restart-1", protocol.ADD)
+    assert not ok and error == "token already exists"
+    first_scope.cancel()
+    await wait_for(lambda: len(server.services[REV].pool) == 1)
+    # the same provider, restarted (a new process has a new instance id), gets it back
+    second, _ = await start_client(nursery, server, REV, reverse=True, connector_token="ctok-restart-1")
+    await wait_for(lambda: server.tokens.get("ctok-restart-1").owner == second.instance)
+    connector, _ = await start_client(nursery, server, "ctok-restart-1")
+    assert await echo_roundtrip(connector.socks_port, echo, b"through the restarted provider")
+    assert second.handler.channels_opened == 1 and other.handler.channels_opened == 0
+    # Partners: the connector reaches one provider; only the owner counts the connector
+    await wait_for(lambda: connector.partners == 1 and second.partners == 1 and other.partners == 0)
+
+
+async def test_server_shutdown_says_going_away(nursery):
+    tokens = TokenTable()
+    tokens.add_forward(TOKEN)
+    server = Server(ServerConfig(ws_host="127.0.0.1", ws_port=0), tokens)
+    scope = trio.CancelScope()
+
+    async def run_server(task_status=trio.TASK_STATUS_IGNORED):
+        with scope:
+            await server.serve(task_status=task_status)
+
+    port = await nursery.start(run_server)
+    client = Client(ClientConfig(url=f"ws://127.0.0.1:{port}", token=TOKEN, socks_port=0,
+                                 backoff_initial=5))
+    await nursery.start(client.run)
+    session = client.sessions[0]
+    scope.cancel()
+    with trio.fail_after(5):
+        await session.closed.wait()
+    assert "1001" in session.close_reason

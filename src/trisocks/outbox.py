@@ -27,7 +27,7 @@ from .transport import IOV_MAX
 
 class Outbox:
     __slots__ = ("_transport", "_queue", "_queued", "_work", "_space", "_closed", "high_water",
-                 "_error", "sent_frames", "batches", "finished")
+                 "_error", "sent_frames", "batches", "finished", "_torn")
 
     def __init__(self, transport, *, high_water: int = 4 << 20) -> None:
         self._transport = transport
@@ -42,6 +42,7 @@ class Outbox:
         self.sent_frames = 0
         self.batches = 0
         self.finished = trio.Event()
+        self._torn = False  # the writer died with a frame half sent: the stream is unusable
 
     @property
     def queued_bytes(self) -> int:
@@ -146,12 +147,25 @@ class Outbox:
         self._closed = True
         self._work.unpark_all()
         self._error = exc
+        self._torn = self._torn or bool(self._queue)
         for item in self._queue:
             if item[1] is not None:
                 item[1].set()
         self._queue.clear()
         self._queued = 0
         self._space.unpark_all()
+
+    def send_last(self, frame: bytes) -> None:
+        """A final small frame (a close) even after the writer stopped, if the stream is still
+        at a frame boundary; best effort, never waits."""
+        if self._queue or self._torn:
+            if not self._closed:
+                self.send_nowait(frame)
+            return
+        try:
+            self._transport.try_send(frame)
+        except OSError:
+            pass
 
     async def flush_closed(self) -> None:
         """After :meth:`close`: wait until the writer has sent everything and stopped."""

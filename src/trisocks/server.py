@@ -337,7 +337,8 @@ class ReverseService:
         self.info = info
         self.pool = SessionPool(f"providers of {redact(info.token)}")
         self.by_instance: dict[bytes, SessionPool] = {}  # autonomy: each provider's own pool
-        self.connectors: set[Session] = set()
+        self.connectors: dict[Session, TokenInfo] = {}  # connector sessions and their tokens
+        self.instances: dict[Session, bytes] = {}  # provider sessions and their instance ids
         self.ingress = Ingress(self.pool, wait_timeout=cfg.provider_wait,
                                connect_timeout=cfg.provider_answer, fast_open=cfg.fast_open,
                                name=f"SOCKS5 of {redact(info.token)}")
@@ -375,6 +376,7 @@ class ReverseService:
             own = self.by_instance.setdefault(instance, SessionPool("provider instance"))
             self.pool.add(session)
             own.add(session)
+            self.instances[session] = instance
             self._tell_partners()
             try:
                 await session.run()
@@ -383,14 +385,15 @@ class ReverseService:
                 # come back (a provider reconnecting keeps its connector tokens).
                 self.pool.remove(session)
                 own.remove(session)
+                self.instances.pop(session, None)
                 self._tell_partners()
         else:
-            self.connectors.add(session)
+            self.connectors[session] = info
             self._tell_partners()
             try:
                 await session.run()
             finally:
-                self.connectors.discard(session)
+                self.connectors.pop(session, None)
                 self._tell_partners()
 
     def pool_for(self, connector: TokenInfo) -> SessionPool:
@@ -399,12 +402,17 @@ class ReverseService:
         return self.pool
 
     def _tell_partners(self) -> None:
-        providers = protocol.Partners(len(self.pool))
-        for session in list(self.connectors):
-            session.send_if_open(providers)
-        connectors = protocol.Partners(len(self.connectors))
-        for session in list(self.pool):
-            session.send_if_open(connectors)
+        """Tell each connector how many providers its token reaches, and each provider how
+        many connectors reach it (in autonomy mode a token reaches only its creator)."""
+        for session, info in list(self.connectors.items()):
+            session.send_if_open(protocol.Partners(len(self.pool_for(info))))
+        for session, instance in list(self.instances.items()):
+            count = sum(1 for info in self.connectors.values() if info.owner in (b"", instance))
+            session.send_if_open(protocol.Partners(count))
+
+    def owner_gone(self, instance: bytes) -> bool:
+        """True when no session of this provider instance is connected any more."""
+        return not len(self.by_instance.get(instance, ()))
 
 
 class ProviderSide(Handler):
@@ -425,6 +433,12 @@ class ProviderSide(Handler):
             return
         if msg.operation == protocol.ADD:
             existing = server.tokens.get(msg.token) if msg.token else None
+            if (existing is not None and existing.kind == CONNECTOR and existing.owner
+                    and existing.reverse_token == service.info.token
+                    and existing.owner != self.instance and service.owner_gone(existing.owner)):
+                # its creator is gone (a restarted provider has a new instance id): take it over
+                existing.owner = self.instance
+                service._tell_partners()
             if existing is not None and not (existing.kind == CONNECTOR and existing.owner == self.instance):
                 session.send(protocol.ConnectorResponse(msg.channel, False, "token already exists"))
                 return
@@ -434,7 +448,7 @@ class ProviderSide(Handler):
             except ValueError as exc:
                 session.send(protocol.ConnectorResponse(msg.channel, False, str(exc)))
                 return
-            log.info("provider %s added connector token %s", session, redact(info.token))
+            log.info("%s added connector token %s", session, redact(info.token))
             session.send(protocol.ConnectorResponse(msg.channel, True, token=info.token))
         else:
             info = server.tokens.get(msg.token)
@@ -442,7 +456,7 @@ class ProviderSide(Handler):
                 session.send(protocol.ConnectorResponse(msg.channel, False, "token not found"))
                 return
             server.remove_token(info.token)
-            log.info("provider %s removed connector token %s", session, redact(info.token))
+            log.info("%s removed connector token %s", session, redact(info.token))
             session.send(protocol.ConnectorResponse(msg.channel, True))
 
 

@@ -203,6 +203,10 @@ class Session:
             self.closed.set()
 
     async def _shutdown(self, nursery: trio.Nursery) -> None:
+        if not self.close_reason:  # stopped from outside (Ctrl-C, shutdown): say so to the peer
+            self.close_reason = "shutting down"
+            payload = (1001).to_bytes(2, "big") + b"going away"
+            self.outbox.send_last(codec.encode_frame(codec.OP_CLOSE, payload, self.mask_key()))
         for ch in list(self.channels.values()):
             ch.abort()
         self.outbox.close()
