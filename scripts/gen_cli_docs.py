@@ -77,8 +77,8 @@ or `***(7 chars)` for tokens shorter than 10 characters), nor proxy passwords (`
 | status | when |
 | --- | --- |
 | 0 | `trisocks version`, `--help` |
-| 1 | a runtime failure: the server refused the token (never retried), the server was lost with `-R`, a port could not be opened (`Address already in use`), and also a value or combination checked after parsing: a malformed `-x` URL or proxy variable, `-n` without `-w`, `-T 0`, `-c` on a non-provider client, `-c`/`-a` without `-r`, an unreadable TLS file, an unsupported `-u` scheme. The message starts with `error:` or is logged at ERROR |
-| 2 | a usage error found by the parser: an unknown flag, a missing or non-numeric value, no command at all, or a `TRISOCKS_*` variable that does not fit its flag |
+| 1 | a runtime failure: the server refused the token (never retried), the server was lost with `-R`, a port could not be opened (`cannot listen on 127.0.0.1:8765 for the server: address already in use`), logged at ERROR |
+| 2 | a usage or configuration error, before anything starts: an unknown flag, a missing or non-numeric value, no command at all, a `TRISOCKS_*` variable that does not fit its flag (only for the command that uses it), a malformed `-x` URL or proxy variable, `-n` without `-w`, `-T 0`, `-c` on a non-provider client, `-c`/`-a` without `-r`, an unreadable TLS file, an unsupported `-u` scheme. The message starts with `trisocks: error:` |
 | 130 | stopped with Ctrl-C (SIGINT); the log says `stopped` |
 
 A client without `-R` does not exit when the server cannot be reached or goes away: it

@@ -39,6 +39,15 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, max_help_position=34, width=100)
 
 
+_ENV_ERRORS: dict[str, list[str]] = {}  # parser prog -> bad TRISOCKS_* values
+
+
+def usage_error(message: str):
+    """A configuration mistake: say what is wrong and exit with status 2, like argparse."""
+    print(f"trisocks: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _add(parser, *flags, env: str, help: str, default=None, type=str, **kw):
     """An option whose default comes from TRISOCKS_<env>, documented in its help."""
     raw = _env(env)
@@ -46,7 +55,10 @@ def _add(parser, *flags, env: str, help: str, default=None, type=str, **kw):
         try:
             default = type(raw)
         except ValueError:
-            parser.error(f"TRISOCKS_{env}={raw!r} is not a valid value for {flags[-1]}")
+            # reported only if this command runs: a bad variable for one command must not
+            # break the others
+            _ENV_ERRORS.setdefault(parser.prog, []).append(
+                f"TRISOCKS_{env}={raw!r} is not a valid value for {flags[-1]}")
     shown = "" if default in (None, "", False) else f" (default: {default})"
     parser.add_argument(*flags, default=default, type=type, help=f"{help}{shown} [env TRISOCKS_{env}]", **kw)
 
@@ -105,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
          help="reverse mode: SOCKS5 username clients must give (with -w)")
     _add(s, "-w", "--socks-password", env="SOCKS_PASSWORD", default="",
          help="reverse mode: SOCKS5 password clients must give (with -n)")
-    _add_flag(s, "-i", "--socks-nowait", env="SOCKS_NOWAIT",
+    _add_flag(s, "-i", "--socks-nowait", "--socks-no-wait", env="SOCKS_NOWAIT",
               help="reverse mode: open the SOCKS5 port at once, not when the first provider connects")
     _add_list(s, "-c", "--connector-token", env="CONNECTOR_TOKEN", metavar="TOKEN",
               help="reverse mode: a connector token for the (first) reverse token; connector "
@@ -188,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="require this SOCKS5 username (with -w)")
             _add(c, "-w", "--socks-password", env="SOCKS_PASSWORD", default="",
                  help="require this SOCKS5 password (with -n)")
-            _add_flag(c, "-i", "--socks-no-wait", env="SOCKS_NO_WAIT",
+            _add_flag(c, "-i", "--socks-no-wait", "--socks-nowait", env="SOCKS_NO_WAIT",
                       help="open the SOCKS5 port at once instead of after connecting to the server")
             _add_flag(c, "-f", "--fast-open", env="FAST_OPEN",
                       help="answer SOCKS5 clients at once and send their first bytes with the "
@@ -246,14 +258,14 @@ def cmd_version(args) -> int:
 
 def _credentials_pair(args) -> None:
     if bool(getattr(args, "socks_username", "")) != bool(getattr(args, "socks_password", "")):
-        raise SystemExit("error: -n/--socks-username and -w/--socks-password go together")
+        usage_error("-n/--socks-username and -w/--socks-password go together")
 
 
 def _management(args):
     """The management plane when -k or --db asks for it (None otherwise)."""
     if not (args.api_key or args.db):
         if args.api_bind or args.api_allow_remote:
-            raise SystemExit("error: --api-bind and --api-allow-remote need -k/--api-key")
+            usage_error("--api-bind and --api-allow-remote need -k/--api-key")
         return None
     from .management import ApiKey, Management, SQLiteStore, default_path
     from .management.serving import parse_bind
@@ -262,11 +274,11 @@ def _management(args):
         key = ApiKey(args.api_key) if args.api_key else None
         bind = parse_bind(args.api_bind) if args.api_bind else None
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        usage_error(f"{exc}")
     if key is None and (bind or args.api_allow_remote):
-        raise SystemExit("error: --api-bind and --api-allow-remote need -k/--api-key")
+        usage_error("--api-bind and --api-allow-remote need -k/--api-key")
     if args.public_url and not args.public_url.startswith(("ws://", "wss://")):
-        raise SystemExit("error: --public-url must start with ws:// or wss://")
+        usage_error("--public-url must start with ws:// or wss://")
     if key is not None and key.plaintext_configured and len(args.api_key) < 16:
         log.warning("the API key is short (%d characters); use 16 or more, or a random one",
                     len(args.api_key))
@@ -281,15 +293,23 @@ def cmd_server(args) -> int:
 
     _credentials_pair(args)
     if not args.reverse and (args.connector_token or args.connector_autonomy):
-        raise SystemExit("error: -c/--connector-token and -a/--connector-autonomy need -r/--reverse")
+        usage_error("-c/--connector-token and -a/--connector-autonomy need -r/--reverse")
     management = _management(args)
+    if not args.reverse and management is None:
+        stray = [flag for flag, value, default in (
+            ("-s", args.socks_host, "127.0.0.1"), ("-p", args.socks_port, 9870),
+            ("-n/-w", args.socks_username, ""), ("-i", args.socks_nowait, False),
+            ("-f", args.fast_open, False)) if value != default]
+        if stray:
+            log.warning("%s only apply to reverse tokens (-r, or the API): ignored",
+                        ", ".join(stray))
     tokens = management.tokens if management is not None else TokenTable()
     given = args.token or []
     kind = "reverse" if args.reverse else "forward"
     if not given and management is not None and management.api_key is not None:
         # tokens and users come from the API (and the database)
         if args.connector_token:
-            raise SystemExit("error: -c/--connector-token needs a -t reverse token")
+            usage_error("-c/--connector-token needs a -t reverse token")
     elif not given:
         token = generate()
         given = [token]
@@ -305,9 +325,9 @@ def cmd_server(args) -> int:
         for token in args.connector_token:
             tokens.add(TokenInfo(token, CONNECTOR, reverse_token=given[0]))
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        usage_error(f"{exc}")
     if args.tls_key and not args.tls_cert:
-        raise SystemExit("error: --tls-key needs --tls-cert")
+        usage_error("--tls-key needs --tls-cert")
     from .egress import direct_dialer, proxy_dialer
     from .upstream import parse_proxy
 
@@ -316,7 +336,7 @@ def cmd_server(args) -> int:
         try:
             proxy = parse_proxy(args.upstream_proxy)
         except ValueError as exc:
-            raise SystemExit(f"error: {exc}") from None
+            usage_error(f"{exc}")
         dialer = proxy_dialer(proxy)
         log.info("target connections go through %s", proxy.display)
     config = ServerConfig(ws_host=args.ws_host, ws_port=args.ws_port,
@@ -327,7 +347,7 @@ def cmd_server(args) -> int:
         server = (management.create_server(config) if management is not None
                   else Server(config, tokens))
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        usage_error(f"{exc}")
     log.info("%d %s token(s)%s configured", len(given), kind,
              f" and {len(args.connector_token)} connector token(s)" if args.connector_token else "")
     for token in given:
@@ -350,22 +370,22 @@ def cmd_client(args) -> int:
 
     _credentials_pair(args)
     if args.threads < 1:
-        raise SystemExit("error: -T/--threads must be at least 1")
+        usage_error("-T/--threads must be at least 1")
     reverse = args.command == "provider" or getattr(args, "reverse", False)
     if getattr(args, "subscribe", ""):
         from .management.subscription import fetch
 
         if reverse:
-            raise SystemExit("error: --subscribe is for forward clients")
+            usage_error("--subscribe is for forward clients")
         try:
             sub = fetch(args.subscribe, ca_file=args.ca_file, insecure=args.insecure)
         except ValueError as exc:
-            raise SystemExit(f"error: --subscribe: {exc}") from None
+            usage_error(f"--subscribe: {exc}")
         args.url, args.token = sub.server, sub.token
         if args.socks_port == 9870 and _env("SOCKS_PORT") is None and sub.socks_port:
             args.socks_port = sub.socks_port
     if getattr(args, "connector_token", "") and not reverse:
-        raise SystemExit("error: -c/--connector-token is for providers (client -r, or 'provider')")
+        usage_error("-c/--connector-token is for providers (client -r, or 'provider')")
     config = ClientConfig(
         url=args.url, token=args.token, reverse=reverse,
         connector_token=getattr(args, "connector_token", ""),
@@ -382,7 +402,7 @@ def cmd_client(args) -> int:
     try:
         client = Client(config)
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        usage_error(f"{exc}")
     log.info("trisocks %s %s connecting to %s", __version__, "provider" if reverse else "client",
              client.endpoint.display)
     trio.run(client.run)
@@ -399,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    for error in _ENV_ERRORS.get(f"{parser.prog} {args.command}", []):
+        usage_error(error)
     setup_logging(getattr(args, "debug", 0))
     raise_fd_limit()
     try:

@@ -214,7 +214,8 @@ class Client:
             if cfg.socks_wait_server:
                 await self.pool.wait_nonempty()
             self.socks_port = await nursery.start(self.socks.serve)
-            log.info("SOCKS5 proxy listening on %s:%d%s", cfg.socks_host, self.socks_port,
+            host = f"[{cfg.socks_host}]" if ":" in cfg.socks_host else cfg.socks_host
+            log.info("SOCKS5 proxy listening on %s:%d%s", host, self.socks_port,
                      " (username/password required)" if creds else "")
             task_status.started(self.socks_port)
 

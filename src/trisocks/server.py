@@ -18,6 +18,7 @@ its role:
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import time
 import uuid
@@ -37,7 +38,7 @@ from .pool import SessionPool
 from .session import DEFAULT_WINDOW, RECV_BUFFER, Handler, Session, read_message
 from .socks_server import Credentials, SocksServer
 from .tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, TokenTable, generate, redact
-from .transport import SocketTransport, accept_loop, close_socket, listen_tcp, tls_wrap
+from .transport import SocketTransport, accept_loop, close_socket, listen_on, tls_wrap
 
 log = logging.getLogger("trisocks.server")
 
@@ -69,10 +70,13 @@ class ServerConfig:
 def tls_server_context(cert: str, key: str) -> ssl.SSLContext:
     """A server TLS context, or a ValueError saying what is wrong with the files."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    for path in (cert, key):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"TLS: cannot read {path}: no such file")
     try:
         ctx.load_cert_chain(cert, key or None)
-    except FileNotFoundError as exc:
-        raise ValueError(f"TLS: cannot read {exc.filename}") from None
+    except OSError as exc:
+        raise ValueError(f"TLS: cannot read {exc.filename or cert}: {exc.strerror}") from None
     except ssl.SSLError as exc:
         raise ValueError(f"TLS: certificate {cert} / key {key}: {exc.reason or exc}") from None
     ctx.set_alpn_protocols(["http/1.1"])
@@ -111,7 +115,7 @@ class Server:
         self.tls = tls_server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        lsock = listen_tcp(self.config.ws_host, self.config.ws_port)
+        lsock = listen_on(self.config.ws_host, self.config.ws_port, "the server")
         self.started_at = time.monotonic()
         try:
             self.port = lsock.getsockname()[1]
@@ -350,11 +354,7 @@ class ReverseService:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         with self._scope:
-            try:
-                port = self.socks.bind()
-            except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {self.socks.host}:{self.socks.port} for "
-                              f"reverse token {redact(self.info.token)}: {exc.strerror}") from None
+            port = self.socks.bind()  # its error names the address and the token
             log.info("reverse token %s: SOCKS5 port %s:%d%s", redact(self.info.token),
                      self.socks.host, port,
                      "" if self.server.config.socks_nowait else " (opens when a provider connects)")
@@ -362,6 +362,8 @@ class ReverseService:
             try:
                 if not self.server.config.socks_nowait:
                     await self.pool.wait_nonempty()
+                    log.info("reverse token %s: a provider is here, SOCKS5 port %d open",
+                             redact(self.info.token), port)
                 await self.socks.serve()
             finally:
                 self.socks.close()

@@ -426,7 +426,10 @@ _TEXT_REPLY: tuple[tuple[int, tuple[str, ...]], ...] = (
     (HOST_UNREACHABLE, ("host is down",)),
     (NETWORK_UNREACHABLE, ("network is down",)),
     (TTL_EXPIRED, ("timed out", "timeout", "deadline exceeded", "did not properly respond")),
-    (NOT_ALLOWED, ("not allowed", "permission denied", "not permitted", "forbidden")),
+    (NOT_ALLOWED, ("not allowed", "permission denied", "not permitted", "forbidden",
+                   # trisocks refusals: a user's limit, status or expiry, a session's channel cap
+                   "limit reached", "expired", "disabled", "too many channels")),
+    (NETWORK_UNREACHABLE, ("no provider",)),
     (COMMAND_NOT_SUPPORTED, ("command not supported",)),
     (ADDRESS_TYPE_NOT_SUPPORTED, ("address type not supported",)),
 )

@@ -71,7 +71,12 @@ class SocksServer:
     def bind(self) -> int:
         """Take the port now (connections are refused until :meth:`serve`); returns it."""
         if self._lsock is None:
-            self._lsock = bind_tcp(self.host, self.port)
+            try:
+                self._lsock = bind_tcp(self.host, self.port)
+            except OSError as exc:
+                host = f"[{self.host}]" if ":" in self.host else self.host
+                raise OSError(exc.errno, f"cannot listen on {host}:{self.port} for {self.name}: "
+                              f"{(exc.strerror or str(exc)).lower()}") from None
             self.port = self._lsock.getsockname()[1]
         return self.port
 

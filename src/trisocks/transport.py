@@ -200,6 +200,19 @@ def listen_tcp(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
     return sock
 
 
+def listen_on(host: str, port: int, what: str) -> socket.socket:
+    """listen_tcp, with an error that names the address (for start-up messages)."""
+    try:
+        return listen_tcp(host, port)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {_hostport(host, port)} for {what}: "
+                      f"{(exc.strerror or str(exc)).lower()}") from None
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def bind_tcp(host: str, port: int) -> socket.socket:
     """A bound, non-blocking TCP socket, not listening yet: the port is ours, connections are refused."""
     host = host.strip("[]")
