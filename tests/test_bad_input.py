@@ -323,3 +323,25 @@ async def test_channel_limit_per_session(env, monkeypatch):
     assert [a.success for a in answers] == [True, True, True, False]
     assert answers[3].error == "too many channels"
     await peer.aclose()
+
+
+async def test_repeated_wrong_tokens_get_429(env):
+    tunnel, echo_port = env
+    from trisocks.throttle import FailureLimiter
+
+    tunnel.server.auth_limiter = FailureLimiter(max_failures=3, window=60)
+    for _ in range(3):
+        peer = await RawPeer.connect(tunnel.ws_port)
+        assert not (await peer.authenticate("wrong-token-123456")).success
+        await peer.aclose()
+    stream = await trio.open_tcp_stream("127.0.0.1", tunnel.ws_port)
+    await stream.send_all(b"GET /socket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    answer = b""
+    while data := await stream.receive_some(4096):
+        answer += data
+    assert answer.startswith(b"HTTP/1.1 429") and b"Retry-After: " in answer
+    await stream.aclose()
+    # tunnels already up are not affected
+    async with healthy_channel(tunnel, echo_port):
+        pass

@@ -37,6 +37,7 @@ from .ingress import Ingress
 from .pool import SessionPool
 from .session import DEFAULT_WINDOW, RECV_BUFFER, Handler, Session, read_message
 from .socks_server import Credentials, SocksServer
+from .throttle import FailureLimiter
 from .tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, TokenTable, generate, redact
 from .transport import SocketTransport, accept_loop, close_socket, listen_on, tls_wrap
 
@@ -105,6 +106,8 @@ class Server:
         self.tokens = tokens
         self.events = events or _no_events
         self.http_app = http_app
+        # wrong tokens per address: after 10 in a minute, upgrades get 429 for a while
+        self.auth_limiter = FailureLimiter()
         self.started_at = time.monotonic()
         self.port = config.ws_port
         self.sessions: dict[Session, TokenInfo] = {}
@@ -197,7 +200,7 @@ class Server:
             if req is None:
                 return
             if req.path in WS_PATHS:
-                await self._websocket(transport, req, peer)
+                await self._websocket(transport, req, peer, str(addr[0]))
             elif self.http_app is not None:
                 await self.http_app(transport, req)
             elif req.path == "/" and req.method in ("GET", "HEAD"):
@@ -218,7 +221,13 @@ class Server:
                     await transport.aclose()
             close_socket(sock)
 
-    async def _websocket(self, transport, req: Request, peer: str) -> None:
+    async def _websocket(self, transport, req: Request, peer: str, ip: str) -> None:
+        wait = self.auth_limiter.retry_after(ip)
+        if wait:
+            # too many wrong tokens from this address lately: no upgrade, no token check
+            await _reply(transport, response(429, "too many failed authentications\n",
+                                             headers=[("Retry-After", str(wait))]))
+            return
         try:
             answer, peer_window = accept_websocket(req, window=self.config.window)
         except HandshakeError as exc:
@@ -260,6 +269,7 @@ class Server:
         if role is None:
             log.warning("authentication failed from %s (%s)", peer, how)
             self.events("auth_failure", peer=peer, how=how)
+            self.auth_limiter.failed(ip)
             await self._refuse(transport, "invalid token")
             return
         refused = info.account.refuse_reason() if info.account is not None else None
@@ -293,6 +303,7 @@ class Server:
                  ", trisocks flow control" if peer_window else "")
         self.sessions[session] = info
         self.events("auth_success", role=role, token=info.token, account=info.account, peer=peer)
+        self.auth_limiter.succeeded(ip)
         try:
             if service is None:
                 await session.run()
