@@ -238,6 +238,24 @@ def raise_fd_limit() -> None:
         pass
 
 
+def fix_malloc_threshold() -> None:
+    """Keep big buffers out of the heap, so memory goes back to the system when freed.
+
+    glibc serves allocations of 128 KiB and more with mmap, but raises that threshold
+    each time such a block is freed: after a burst of large buffers (send buffers, data
+    held for slow readers) later ones come from the heap, which rarely shrinks, and RSS
+    only grows (measured: +45 MB after three rounds of 8 parallel 128 MiB transfers).
+    Setting the threshold explicitly turns the adjustment off.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(ctypes.c_int(-3), ctypes.c_int(128 << 10))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to do
+
+
 def setup_logging(level: int) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s",
@@ -423,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         usage_error(error)
     setup_logging(getattr(args, "debug", 0))
     raise_fd_limit()
+    fix_malloc_threshold()
     try:
         return COMMANDS[args.command](args)
     except BaseException as raised:  # noqa: BLE001 - unwrapped and re-raised below
