@@ -118,10 +118,10 @@ def main() -> int:
                             before = [cpu_seconds(p.pid) for p in procs]
                             speed.append(curl(direction, socks, nginx_port, payload))
                             after = [cpu_seconds(p.pid) for p in procs]
-                            for name, b, a in zip(names, before, after):
+                            for name, b, a in zip(names, before, after, strict=False):
                                 cpu[name].append(a - b)
                         parts = "  ".join(f"{n} {statistics.median(v):.2f}" for n, v in cpu.items())
-                        total = statistics.median([sum(x) for x in zip(*cpu.values())])
+                        total = statistics.median([sum(x) for x in zip(*cpu.values(), strict=False)])
                         print(f"{mode:8} {direction:4} {statistics.median(speed):6.0f} MB/s  "
                               f"CPU s/GiB: {parts}  total {total:.2f}", flush=True)
                 finally:

@@ -60,7 +60,7 @@ PROCS: list[subprocess.Popen] = []
 
 
 def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    out = open(log, "w")
+    out = open(log, "w")  # noqa: SIM115 - the child process writes to it until it exits
     # Same process group: Ctrl-C in the terminal reaches the server and client too.
     proc = subprocess.Popen(TRISOCKS + args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, **(env or {})})
@@ -144,7 +144,8 @@ Paste these in another terminal (from this directory):
 
   # the management API (docs/api.md): status, then a user with a 1 GiB traffic limit
   curl -H "X-API-Key: $(cat .run/api-key)" {api}/api/status
-  curl -H "X-API-Key: $(cat .run/api-key)" -X POST -d '{{"name": "alice", "limit_bytes": 1073741824}}' {api}/api/users
+  curl -H "X-API-Key: $(cat .run/api-key)" -X POST \\
+       -d '{{"name": "alice", "limit_bytes": 1073741824}}' {api}/api/users
 
   # then a client with alice's key (the "key" in the answer above)
   .venv/bin/trisocks client --subscribe {api}/api/subscribe/ALICES_KEY -p {args.socks_port + 2}

@@ -153,20 +153,19 @@ async def echo_roundtrip(socks_port: int, echo_port: int, payload: bytes) -> boo
     stream = await socks_connect(socks_port, "127.0.0.1", echo_port)
     received = hashlib.sha256()
     got = 0
-    async with stream:
-        async with trio.open_nursery() as nursery:
-            async def sender():
-                view = memoryview(payload)
-                for i in range(0, len(view), 1 << 20):
-                    await stream.send_all(view[i : i + (1 << 20)])
+    async with stream, trio.open_nursery() as nursery:
+        async def sender():
+            view = memoryview(payload)
+            for i in range(0, len(view), 1 << 20):
+                await stream.send_all(view[i : i + (1 << 20)])
 
-            nursery.start_soon(sender)
-            while got < len(payload):
-                data = await stream.receive_some(1 << 20)
-                if not data:
-                    break
-                received.update(data)
-                got += len(data)
+        nursery.start_soon(sender)
+        while got < len(payload):
+            data = await stream.receive_some(1 << 20)
+            if not data:
+                break
+            received.update(data)
+            got += len(data)
     return got == len(payload) and received.digest() == hashlib.sha256(payload).digest()
 
 
@@ -181,7 +180,7 @@ class RawPeer:
         self.decoder = Decoder(expect_masked=False)
 
     @classmethod
-    async def connect(cls, port: int, *, path: str = "/socket") -> "RawPeer":
+    async def connect(cls, port: int, *, path: str = "/socket") -> RawPeer:
         sock = socket.socket()
         sock.setblocking(False)
         peer = cls(sock)

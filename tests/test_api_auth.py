@@ -56,7 +56,8 @@ async def test_no_key_a_wrong_key_and_the_two_ways_to_give_the_right_one():
         r = await api.anon.get("/api/users", headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401
         assert (await api.anon.get("/api/users", headers={"X-API-Key": KEY})).status_code == 200
-        assert (await api.anon.get("/api/users", headers={"Authorization": f"Bearer {KEY}"})).status_code == 200
+        bearer = {"Authorization": f"Bearer {KEY}"}
+        assert (await api.anon.get("/api/users", headers=bearer)).status_code == 200
         assert (await api.anon.get("/metrics", headers={"Authorization": f"bearer {KEY}"})).status_code == 200
         # what needs no key
         r = await api.anon.get("/healthz")
@@ -79,8 +80,8 @@ async def test_a_hashed_key_in_the_configuration(scheme):
         # cheap parameters: the format is under test here, not the cost
         "pbkdf2": f"pbkdf2:sha256:1000:{'ab' * 16}:"
                   f"{hashlib.pbkdf2_hmac('sha256', secret.encode(), bytes.fromhex('ab' * 16), 1000).hex()}",
-        "scrypt": f"scrypt:1024:8:1:{'cd' * 16}:"
-                  f"{hashlib.scrypt(secret.encode(), salt=bytes.fromhex('cd' * 16), n=1024, r=8, p=1, dklen=32).hex()}",
+        "scrypt": f"scrypt:1024:8:1:{'cd' * 16}:" + hashlib.scrypt(
+            secret.encode(), salt=bytes.fromhex("cd" * 16), n=1024, r=8, p=1, dklen=32).hex(),
     }[scheme]
     async with running_api(key=configured) as api:
         assert secret not in configured

@@ -29,7 +29,8 @@ def test_tokens_users_and_counters_survive_a_restart(procs, tmp_path, payload_se
     db = tmp_path / "state" / "trisocks.db"
     server = start_api_server(procs, db=db, tokens=["cli-token-000001"])
     base = server.http_url
-    assert http("POST", f"{base}/api/token", json={"type": "forward", "token": "fwd-api-000001"}).json()["success"]
+    body = {"type": "forward", "token": "fwd-api-000001"}
+    assert http("POST", f"{base}/api/token", json=body).json()["success"]
     rev = http("POST", f"{base}/api/token", json={"type": "reverse", "token": "rev-api-000001",
                                                   "username": "su", "password": "sp"}).json()
     assert http("POST", f"{base}/api/token", json={"type": "connector", "token": "con-api-000001",

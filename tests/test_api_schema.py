@@ -51,7 +51,7 @@ def fuzzed_server(tmp_path_factory):
     def run():
         try:
             trio.run(main)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             started.put(exc)
 
     thread = threading.Thread(target=run, name="fuzzed-server", daemon=True)

@@ -197,7 +197,8 @@ async def test_counters_are_exact_to_the_byte_for_finished_channels():
         socks_port = await api.client(nursery, user["key"])
         sizes = [1, 70_001, 3 * MiB + 17]
         for size in sizes:
-            assert await echo_roundtrip(socks_port, echo, bytes(range(256)) * (size // 256) + b"x" * (size % 256))
+            payload = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+            assert await echo_roundtrip(socks_port, echo, payload)
         await wait_until(lambda: not api.plane.users[user["key"]].channels, "channels to finish")
         got = await api.user(user["key"])
         assert got["bytes_up"] == sum(sizes) and got["bytes_down"] == sum(sizes)
@@ -266,7 +267,8 @@ async def test_limit_changes_take_effect_on_live_traffic():
         await assert_cut(live)
 
         # raising it lets traffic flow again, on the same session
-        r = await api.put(f"/api/users/{key}/limit", json={"limit_bytes": (await api.user(key))["bytes_down"] + 20 * MiB})
+        limit = (await api.user(key))["bytes_down"] + 20 * MiB
+        r = await api.put(f"/api/users/{key}/limit", json={"limit_bytes": limit})
         assert r.json()["blocked"] is None
         assert await echo_roundtrip(socks_port, echo, b"z" * 100_000)
 
@@ -310,7 +312,8 @@ async def test_disable_and_enable_on_live_traffic():
         await wait_until(lambda: api.refusals, "the client to be refused")
         assert "disabled" in api.refusals[0]
         assert await refused_reason(api.port, key) == "disabled"
-        events = [e["type"] for e in (await api.get("/api/events", params={"user": "frank"})).json()["events"]]
+        answer = await api.get("/api/events", params={"user": "frank"})
+        events = [e["type"] for e in answer.json()["events"]]
         assert "auth_failure" in events and "user_updated" in events
         # enabled again: a client gets in and moves traffic
         await api.patch(f"/api/users/{key}", json={"status": "active"})
@@ -380,9 +383,11 @@ async def test_rotate_and_delete_on_live_traffic():
 async def test_users_on_reverse_mode_socks5_ports():
     async with running_api() as api, trio.open_nursery() as nursery:
         echo = await serve_tcp(nursery, echo_handler)
-        open_port = (await api.post("/api/token", json={"type": "reverse", "token": "rev-open-1"})).json()["port"]
-        own_port = (await api.post("/api/token", json={"type": "reverse", "token": "rev-own-1",
-                                                       "username": "svc", "password": "svc-pw"})).json()["port"]
+        answer = await api.post("/api/token", json={"type": "reverse", "token": "rev-open-1"})
+        open_port = answer.json()["port"]
+        answer = await api.post("/api/token", json={"type": "reverse", "token": "rev-own-1",
+                                                    "username": "svc", "password": "svc-pw"})
+        own_port = answer.json()["port"]
         await api.client(nursery, "rev-open-1", reverse=True)
         await api.client(nursery, "rev-own-1", reverse=True)
         for token in ("rev-open-1", "rev-own-1"):

@@ -229,7 +229,8 @@ async def test_autonomy_connector_tokens_reach_only_their_provider(nursery):
     echo = await serve_tcp(nursery, echo_handler)
     a, _ = await start_client(nursery, server, REV, reverse=True, connector_token="ctok-of-provider-a")
     b, _ = await start_client(nursery, server, REV, reverse=True, connector_token="ctok-of-provider-b")
-    await wait_for(lambda: server.tokens.get("ctok-of-provider-a") and server.tokens.get("ctok-of-provider-b"))
+    await wait_for(lambda: server.tokens.get("ctok-of-provider-a")
+                   and server.tokens.get("ctok-of-provider-b"))
     ca, _ = await start_client(nursery, server, "ctok-of-provider-a")
     cb, _ = await start_client(nursery, server, "ctok-of-provider-b")
     for _ in range(5):
@@ -483,7 +484,7 @@ async def test_no_reconnect_exits_on_loss(nursery):
     async def run():
         try:
             await client.run()
-        except BaseException as exc:  # noqa: BLE001 - inspected below
+        except BaseException as exc:
             outcome.append(exc)
         finally:
             done.set()
@@ -531,7 +532,8 @@ async def test_agent_mode_slow_reader_gets_everything(nursery, monkeypatch):
 async def test_autonomy_restarted_provider_takes_its_token_back(nursery):
     server = await start_server(nursery, reverse=[(REV, {"allow_manage_connector": True})])
     echo = await serve_tcp(nursery, echo_handler)
-    first, first_scope = await start_client(nursery, server, REV, reverse=True, connector_token="ctok-restart-1")
+    first, first_scope = await start_client(nursery, server, REV, reverse=True,
+                                            connector_token="ctok-restart-1")
     await wait_for(lambda: server.tokens.get("ctok-restart-1"))
     other, _ = await start_client(nursery, server, REV, reverse=True)
     # a live owner keeps its token: another provider cannot take it

@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     fix_malloc_threshold()
     try:
         return COMMANDS[args.command](args)
-    except BaseException as raised:  # noqa: BLE001 - unwrapped and re-raised below
+    except BaseException as raised:
         exc = _leaf(raised)
         if isinstance(exc, KeyboardInterrupt):
             log.info("stopped")

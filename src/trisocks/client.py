@@ -296,7 +296,8 @@ class Client:
         if not reply.success:
             close_socket(sock)
             hint = " (no token given: use -t or TRISOCKS_TOKEN)" if cfg.token == "anonymous" else ""
-            raise AuthError(f"server refused token {redact(cfg.token)}: {reply.error or 'invalid token'}{hint}")
+            reason = reply.error or "invalid token"
+            raise AuthError(f"server refused token {redact(cfg.token)}: {reason}{hint}")
         role = "provider" if cfg.reverse else "client"
         log.info("connected to %s as %s%s", ep.display, role,
                  " (trisocks flow control)" if session.peer_window else "")

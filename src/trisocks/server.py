@@ -294,7 +294,8 @@ class Server:
             transport, decoder, client_side=False, handler=handler,
             name=f"{'provider' if role == REVERSE else role} {peer}", peer_window=peer_window,
             recv_window=self.config.window,
-            ping_interval=self.config.provider_ping_interval if role == REVERSE else self.config.ping_interval,
+            ping_interval=(self.config.provider_ping_interval if role == REVERSE
+                           else self.config.ping_interval),
             idle_timeout=self.config.idle_timeout,
         )
         session.account = info.account

@@ -52,7 +52,8 @@ class ApiKey:
             self.scheme = "pbkdf2"
             parts = spec.split(":")
             if len(parts) != 5 or parts[1] != "sha256" or not parts[2].isdigit():
-                raise ValueError("a pbkdf2 API key hash reads pbkdf2:sha256:<iterations>:<salt hex>:<hash hex>")
+                raise ValueError("a pbkdf2 API key hash reads "
+                                 "pbkdf2:sha256:<iterations>:<salt hex>:<hash hex>")
             iterations = int(parts[2])
             if not 1000 <= iterations <= 10_000_000:
                 raise ValueError("pbkdf2 iterations must be between 1000 and 10000000")

@@ -137,7 +137,7 @@ class AsgiHandoff:
                     await self.context.terminated.set()
                     try:
                         await lifespan.wait_for_shutdown()
-                    except Exception as exc:  # noqa: BLE001 - the lifespan may already be gone
+                    except Exception as exc:
                         log.debug("ASGI lifespan shutdown: %r", exc)
                     host_scope.cancel()
 

@@ -239,13 +239,14 @@ class SQLiteStore:
                                  f"this one knows {SCHEMA_VERSION})")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            tokens = [TokenRecord(**dict(zip(_TOKEN_COLS, row)))
+            tokens = [TokenRecord(**dict(zip(_TOKEN_COLS, row, strict=False)))
                       for row in conn.execute(f"SELECT {','.join(_TOKEN_COLS)} FROM tokens ORDER BY rowid")]
             for t in tokens:
                 t.allow_manage_connector = bool(t.allow_manage_connector)
-            users = [UserRecord(**dict(zip(_USER_COLS, row)))
-                     for row in conn.execute(f"SELECT {','.join(_USER_COLS)} FROM users ORDER BY created_at, rowid")]
-            events = [EventRecord(**dict(zip(_EVENT_COLS, row)))
+            users = [UserRecord(**dict(zip(_USER_COLS, row, strict=False)))
+                     for row in conn.execute(f"SELECT {','.join(_USER_COLS)} FROM users "
+                                             "ORDER BY created_at, rowid")]
+            events = [EventRecord(**dict(zip(_EVENT_COLS, row, strict=False)))
                       for row in conn.execute(f"SELECT {','.join(_EVENT_COLS)} FROM events "
                                               "ORDER BY id DESC LIMIT ?", (self.events_loaded,))]
         except BaseException:
