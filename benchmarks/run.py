@@ -171,6 +171,15 @@ def run_rate(system, ctx, args, tools, say) -> dict:
     group: dict = {"reps": []}
     running = systems.start(system, ctx, "rate")
     try:
+        # A short unmeasured burst first, as the bulk group warms up with one transfer:
+        # the first few hundred connections of a fresh process run slower (allocator
+        # arenas, caches), which made repetition 1 an outlier for every Python system.
+        warm_n = max(args.concurrency, args.requests // 10)
+        target = _target(running, ctx)
+        if tools.get("hey"):
+            measure.hey_rate(tools["hey"], target, warm_n, args.concurrency)
+        else:
+            measure.py_rate(target, warm_n, args.concurrency)
         for i in range(args.repeat):
             target = _target(running, ctx)
             if tools.get("hey"):
