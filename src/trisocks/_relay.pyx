@@ -45,6 +45,9 @@ cdef enum:
 DATA_HEADER = _DATA_HEADER
 HEADROOM = 14 + _DATA_HEADER
 
+cdef enum:
+    _MAX_SPARES = 16  # buffers kept for reuse after hold(); beyond that, left to the collector
+
 # message-assembly states
 cdef enum:
     _HEAD = 0
@@ -213,6 +216,8 @@ cdef class Decoder:
     cdef public int close_code
     cdef public object close_reason
     cdef public Py_ssize_t ignored
+    cdef bint _held
+    cdef list _spares
 
     def __init__(self, *, expect_masked, max_message=32 << 20, buffer_size=256 << 10):
         if buffer_size < 1024:
@@ -240,11 +245,49 @@ cdef class Decoder:
         self.close_code = 0
         self.close_reason = ""
         self.ignored = 0
+        self._held = False
+        self._spares = []
 
     # -- input ---------------------------------------------------------------
+    def hold(self):
+        """Somebody keeps a DATA piece handed out since the last ``get_buffer``: from the
+        next read on, use another buffer (this one is reused once no view of it is left)."""
+        self._held = True
+
+    cdef bytearray _fresh_buffer(self):
+        cdef Py_ssize_t i
+        cdef bytearray buf
+        for i in range(len(self._spares)):
+            buf = self._spares[i]
+            try:
+                buf.append(0)  # fails while any view of the buffer is alive
+            except BufferError:
+                continue
+            del buf[-1]
+            del self._spares[i]
+            return buf
+        return bytearray(self._size)
+
     def get_buffer(self):
         """The free space to read into; call only after ``next_event`` returned NEED_DATA."""
         cdef Py_ssize_t r = self._rpos, w = self._wpos
+        cdef bytearray fresh
+        cdef uint8_t* fp
+        if self._held:
+            self._held = False
+            fresh = self._fresh_buffer()
+            fp = <uint8_t*>PyByteArray_AS_STRING(fresh)
+            if w > r:
+                memcpy(fp, self._p + r, w - r)
+            self._view.release()
+            if len(self._spares) < _MAX_SPARES:
+                self._spares.append(self._buf)
+            self._buf = fresh
+            self._view = memoryview(fresh)
+            self._p = fp
+            self._rpos = 0
+            self._wpos = w - r
+            return self._view[self._wpos:]
         if r == w:
             self._rpos = self._wpos = 0
         elif r:

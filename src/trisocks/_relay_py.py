@@ -59,6 +59,7 @@ _BUFFER = 2  # collecting a whole message for MESSAGE
 _SKIP = 3  # discarding (text message, or bytes after a Data payload)
 
 _VALID_OPCODES = (OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG)
+_MAX_SPARES = 16  # buffers kept for reuse after hold(); beyond that, left to the collector
 
 
 def _valid_close_code(code: int) -> bool:
@@ -180,11 +181,38 @@ class Decoder:
         self.close_code = 0
         self.close_reason = ""
         self.ignored = 0  # text messages discarded
+        self._held = False
+        self._spares: list[bytearray] = []
 
     # -- input ---------------------------------------------------------------
+    def hold(self) -> None:
+        """Somebody keeps a DATA piece handed out since the last ``get_buffer``: from the
+        next read on, use another buffer (this one is reused once no view of it is left)."""
+        self._held = True
+
+    def _fresh_buffer(self) -> bytearray:
+        for i, buf in enumerate(self._spares):
+            try:
+                buf.append(0)  # fails while any view of the buffer is alive
+            except BufferError:
+                continue
+            del buf[-1]
+            return self._spares.pop(i)
+        return bytearray(len(self._buf))
+
     def get_buffer(self) -> memoryview:
         """The free space to read into; call only after ``next_event`` returned NEED_DATA."""
         r, w = self._rpos, self._wpos
+        if self._held:
+            self._held = False
+            fresh = self._fresh_buffer()
+            fresh[: w - r] = self._buf[r:w]
+            self._view.release()
+            if len(self._spares) < _MAX_SPARES:
+                self._spares.append(self._buf)
+            self._buf, self._view = fresh, memoryview(fresh)
+            self._rpos, self._wpos = 0, w - r
+            return self._view[self._wpos :]
         if r == w:
             self._rpos = self._wpos = 0
         elif r:

@@ -64,7 +64,7 @@ class BridgeEnd:
         return provider.bytes_in if provider is not None else 0
 
     # -- from our peer ---------------------------------------------------------------
-    def deliver(self, data) -> bool:
+    def deliver(self, data, decoder=None) -> bool:
         if self.state:
             return False
         account = self.bridge.connector.account

@@ -26,6 +26,7 @@ Disconnect, which ends the first side's short linger.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
@@ -33,7 +34,7 @@ from trio.lowlevel import ParkingLot, checkpoint, wait_readable, wait_writable
 
 from . import protocol
 from .codec import HEADROOM, OP_BINARY, encode_data, encode_frame
-from .transport import close_socket
+from .transport import IOV_MAX, close_socket
 
 if TYPE_CHECKING:
     from .session import Session
@@ -48,6 +49,9 @@ CHUNK = 1023 << 10
 LINGER = 5.0  # how long a closing channel waits for the peer's Disconnect or for a slow reader
 EOF_GRACE_MIN, EOF_GRACE_MAX = 2.0, 60.0  # see Channel._eof_grace
 DRAIN_STALL = 30.0  # a reader that takes nothing this long after its peer closed is given up
+# Held bytes at least this long stay views into the decoder's buffer rather than copies; the
+# floor keeps a 256 KiB buffer from being kept alive for a few bytes (at most 4x overhead).
+PIN_MIN = 64 << 10
 UNLIMITED = 1 << 62
 
 OPENING, OPEN, LOCAL_CLOSED, REMOTE_CLOSED, CLOSED = range(5)
@@ -86,7 +90,7 @@ BUFFERS = BufferPool(HEADROOM + CHUNK, keep=8)  # at most 8 MiB of spare buffers
 
 class Channel:
     __slots__ = (
-        "id", "session", "sock", "state", "pending", "credit", "limit", "error",
+        "id", "session", "sock", "state", "pending", "held", "credit", "limit", "error",
         "bytes_up", "bytes_down", "_unacked", "_lot", "_pump_scope",
         "_drain_scope", "_draining", "_drained", "_remote_done", "_response", "_response_ready",
         "target", "account", "ingress",
@@ -97,7 +101,11 @@ class Channel:
         self.session = session
         self.sock = None
         self.state = OPENING
-        self.pending = bytearray()
+        # Bytes the socket has not taken yet, as a queue of chunks: appending never copies
+        # what is already held (a growing bytearray re-copies itself), and the drain sends
+        # several chunks with one sendmsg. ``held`` is their total length.
+        self.pending: deque = deque()
+        self.held = 0
         self.credit = session.peer_window or UNLIMITED
         self.limit = session.pending_limit
         self.error = ""
@@ -157,8 +165,12 @@ class Channel:
             self._kick_drain()
 
     # -- tunnel -> socket ------------------------------------------------------------
-    def deliver(self, data) -> bool:
-        """Write Data from the peer; True when the read loop must wait (``wait_space``)."""
+    def deliver(self, data, decoder=None) -> bool:
+        """Write Data from the peer; True when the read loop must wait (``wait_space``).
+
+        ``decoder`` is given when ``data`` is a view into its buffer: a large remainder is
+        then kept as that view (the decoder moves on to another buffer) instead of copied.
+        """
         if self.state >= CLOSED or self.error:
             return False
         account = self.account
@@ -167,7 +179,7 @@ class Channel:
             return False
         sock = self.sock
         if sock is None or self.pending:
-            self._hold(data)
+            self._hold(data, decoder)
             if sock is not None:
                 self._kick_drain()
         else:
@@ -181,25 +193,40 @@ class Channel:
             if n:
                 self._consumed(n)
             if n < len(data):
-                self._hold(data[n:])
+                self._hold(data[n:], decoder)
                 self._kick_drain()
-        return len(self.pending) > self.limit or self.session.pending_bytes > self.session.pending_max
+        return self.held > self.limit or self.session.pending_bytes > self.session.pending_max
 
-    def _hold(self, data) -> None:
-        self.pending += data
+    def _hold(self, data, decoder=None) -> None:
+        if decoder is not None and len(data) >= PIN_MIN:
+            decoder.hold()  # keep the view: the decoder reads into another buffer next
+            self.pending.append(data)
+        else:
+            self.pending.append(bytes(data))  # small, or not the decoder's: copy
+        self.held += len(data)
         self.session.pending_changed(len(data))
 
     def _release(self, n: int) -> None:
-        del self.pending[:n]
+        """``n`` bytes from the front of the queue were sent."""
+        pending = self.pending
+        self.held -= n
         self.session.pending_changed(-n)
+        while n:
+            size = len(pending[0])
+            if n < size:
+                pending[0] = memoryview(pending[0])[n:]
+                return
+            pending.popleft()
+            n -= size
 
     def _drop_pending(self) -> None:
         if self.pending:
-            self.session.pending_changed(-len(self.pending))
+            self.session.pending_changed(-self.held)
             self.pending.clear()
+            self.held = 0
 
     async def wait_space(self) -> None:
-        while len(self.pending) > self.limit and self.state < CLOSED and not self.error:
+        while self.held > self.limit and self.state < CLOSED and not self.error:
             await self._lot.park()
 
     def _consumed(self, n: int) -> None:
@@ -224,7 +251,11 @@ class Channel:
                 while self.pending and self.state < CLOSED:
                     try:
                         await wait_writable(sock)
-                        n = sock.send(self.pending)
+                        pending = self.pending
+                        if len(pending) == 1:
+                            n = sock.send(pending[0])
+                        else:
+                            n = sock.sendmsg([pending[i] for i in range(min(len(pending), IOV_MAX))])
                     except BlockingIOError:
                         continue
                     except (OSError, trio.ClosedResourceError) as exc:
@@ -233,7 +264,7 @@ class Channel:
                         break
                     self._release(n)
                     self._consumed(n)
-                    if len(self.pending) <= self.limit:
+                    if self.held <= self.limit:
                         self._lot.unpark_all()
         finally:
             self._draining = False
@@ -296,13 +327,13 @@ class Channel:
         for as long as the socket takes any. A slow reader gets everything; only a reader
         that takes nothing for DRAIN_STALL seconds loses the rest (and the channel ends)."""
         while self.pending and not self.error and self._draining:
-            before = len(self.pending)
+            before = self.held
             self._drained = trio.Event()
             with trio.move_on_after(DRAIN_STALL):
                 await self._drained.wait()
-            if len(self.pending) >= before:
+            if self.held >= before:
                 log.info("%r: reader took nothing for %.0f s; dropping %d bytes", self,
-                         DRAIN_STALL, len(self.pending))
+                         DRAIN_STALL, self.held)
                 return
 
     async def _pump(self) -> None:

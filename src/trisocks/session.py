@@ -264,7 +264,7 @@ class Session:
                             protocol.channel_str(dec.channel)[:8], len(dec.data))
                 if ch is None:
                     self.unknown_data += 1
-                elif ch.deliver(dec.data):
+                elif ch.deliver(dec.data, dec):
                     await self._wait_space(ch)
                 continue
             if ev == NEED_DATA:

@@ -67,7 +67,7 @@ class _UdpChannel:
         return self.bytes_down
 
     # the stream half of the channel interface: not used by UDP
-    def deliver(self, data) -> bool:
+    def deliver(self, data, decoder=None) -> bool:
         return False
 
     async def wait_space(self) -> None:
