@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
+import bcrypt
 import pytest
 import trio
 
@@ -72,7 +73,7 @@ async def test_no_key_a_wrong_key_and_the_two_ways_to_give_the_right_one():
             assert (await api.anon.request(method, path)).status_code == 401, path
 
 
-@pytest.mark.parametrize("scheme", ["sha256", "pbkdf2", "scrypt"])
+@pytest.mark.parametrize("scheme", ["sha256", "pbkdf2", "scrypt", "bcrypt"])
 async def test_a_hashed_key_in_the_configuration(scheme):
     secret = "the-operators-secret-key"
     configured = {
@@ -82,6 +83,7 @@ async def test_a_hashed_key_in_the_configuration(scheme):
                   f"{hashlib.pbkdf2_hmac('sha256', secret.encode(), bytes.fromhex('ab' * 16), 1000).hex()}",
         "scrypt": f"scrypt:1024:8:1:{'cd' * 16}:" + hashlib.scrypt(
             secret.encode(), salt=bytes.fromhex("cd" * 16), n=1024, r=8, p=1, dklen=32).hex(),
+        "bcrypt": bcrypt.hashpw(secret.encode(), bcrypt.gensalt(rounds=4)).decode(),
     }[scheme]
     async with running_api(key=configured) as api:
         assert secret not in configured
@@ -94,13 +96,17 @@ async def test_a_hashed_key_in_the_configuration(scheme):
 
 def test_key_formats_are_checked_when_configured():
     for bad in ("", "sha256:abc", "sha256:" + "z" * 64, "pbkdf2:sha256:10:aa:bb", "pbkdf2:md5:1000:aa:bb",
-                "scrypt:1000:8:1:aa:bb", "scrypt:1024:8:1:zz:bb"):
+                "scrypt:1000:8:1:aa:bb", "scrypt:1024:8:1:zz:bb", "$2b$12$short",
+                "$2b$99$" + "a" * 53, "$2x$12$" + "a" * 53):
         with pytest.raises(ValueError):
             ApiKey(bad)
-    for scheme in ("sha256", "pbkdf2", "scrypt"):
+    for scheme in ("sha256", "pbkdf2", "scrypt", "bcrypt"):
         key = ApiKey(hash_key("k" * 20, scheme))
         assert key.verify_slow("k" * 20) and not key.verify_slow("k" * 19)
         assert "k" * 20 not in repr(key)
+    # bcrypt reads 72 bytes at most: a longer candidate is refused, not truncated into a match
+    key = ApiKey(bcrypt.hashpw(b"x" * 72, bcrypt.gensalt(rounds=4)).decode())
+    assert key.verify_slow("x" * 72) and not key.verify_slow("x" * 73)
 
 
 async def test_remote_addresses_are_refused_unless_allowed():

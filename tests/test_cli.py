@@ -85,6 +85,32 @@ def test_version_under_require_compiled_says_compiled(how):
     assert proc.stdout.strip() == f"trisocks {trisocks.__version__} (compiled hot path)"
 
 
+# -- hash-key ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["sha256", "bcrypt"])
+def test_hash_key_prints_a_form_the_server_accepts(scheme):
+    from trisocks.management.keys import ApiKey
+
+    proc = subprocess.run([*trisocks_cmd(), "hash-key", "--scheme", scheme], input="the-key\n",
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    configured = proc.stdout.strip()
+    assert "the-key" not in configured
+    key = ApiKey(configured)
+    assert key.scheme == scheme and key.verify_slow("the-key") and not key.verify_slow("the-kez")
+
+    proc = subprocess.run([*trisocks_cmd(), "hash-key", "--generate", "--scheme", scheme],
+                          capture_output=True, text=True, timeout=30)
+    lines = dict(line.split(":  " if line.startswith("key") else ": ", 1)
+                 for line in proc.stdout.splitlines())
+    assert ApiKey(lines["hash"]).verify_slow(lines["key"])
+
+    proc = subprocess.run([*trisocks_cmd(), "hash-key"], input="\n", capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 2 and proc.stderr.strip() == "trisocks: error: empty key"
+
+
 _HIDE_EXTENSION = (
     "import sys; sys.modules['trisocks._relay'] = None\n"  # as if the extension were not built
     "from trisocks.cli import main\n"

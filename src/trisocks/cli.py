@@ -1,4 +1,5 @@
-"""Command line: ``trisocks server|client|version``, with LinkSocks's flags and defaults.
+"""Command line: ``trisocks server|client|provider|connector|hash-key|version``, with LinkSocks's flags
+and defaults.
 
 Every flag can also come from a ``TRISOCKS_*`` environment variable (named in
 ``--help``); a flag on the command line wins over the environment.
@@ -145,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     # not _add(): its help would show the key taken from the environment as the default
     m.add_argument("-k", "--api-key", default=_env("API_KEY") or "", metavar="KEY",
                    help="turn the management API on with this key (plaintext, or a hash: "
-                   "sha256:HEX, scrypt:..., pbkdf2:... - see 'python -m trisocks.management.keys')."
+                   "sha256:HEX, scrypt:..., pbkdf2:..., bcrypt $2b$... - see "
+                   "'trisocks hash-key')."
                    " Prefer the environment variable: a command line is visible to every local "
                    "user [env TRISOCKS_API_KEY]")
     _add(m, "--api-bind", env="API_BIND", default="",
@@ -219,6 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
         _add_flag(c, "--insecure", env="INSECURE",
                   help="wss://: do not check the server's certificate (a warning is logged)")
         _add_debug(c)
+
+    h = sub.add_parser(
+        "hash-key", formatter_class=_Formatter, help="print the hashed form of a management API key",
+        description="Print the hashed form of a management API key, to configure with -k/--api-key "
+        "or TRISOCKS_API_KEY so that the plaintext need not sit in a config file. The key is read "
+        "from standard input (one line; prompted for on a terminal); with --generate a new random "
+        "key is made and printed first.")
+    h.add_argument("--scheme", choices=("scrypt", "pbkdf2", "sha256", "bcrypt"), default="scrypt",
+                   help="the hash: scrypt and bcrypt are slow on purpose (a guessed key costs time), "
+                   "sha256 is not and suits only long random keys")
+    h.add_argument("--generate", action="store_true", help="make up a new random key and print it too")
 
     sub.add_parser("version", help="print the version and which hot path runs")
     return parser
@@ -427,8 +440,14 @@ def cmd_client(args) -> int:
     return 0
 
 
+def cmd_hash_key(args) -> int:
+    from .management.keys import hash_key_command
+
+    return hash_key_command(args.scheme, args.generate)
+
+
 COMMANDS = {"server": cmd_server, "client": cmd_client, "provider": cmd_client,
-            "connector": cmd_client, "version": cmd_version}
+            "connector": cmd_client, "version": cmd_version, "hash-key": cmd_hash_key}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,16 @@
 """The management API key: how it may be configured, how a request's key is checked, and
 the per-address limit on failed attempts.
 
-A key is configured (``-k/--api-key`` or ``TRISOCKS_API_KEY``) in one of four forms::
+A key is configured (``-k/--api-key`` or ``TRISOCKS_API_KEY``) in one of five forms::
 
     plaintext                        any string that does not start with a scheme below
     sha256:<64 hex digits>           SHA-256 of the key
     pbkdf2:sha256:<iterations>:<salt hex>:<hash hex>
     scrypt:<n>:<r>:<p>:<salt hex>:<hash hex>
+    $2b$<cost>$<53 characters>       bcrypt (also $2a$ and $2y$, as htpasswd -B writes them)
 
-Generate a hashed form with ``python -m trisocks.management.keys`` (it reads the key from
-standard input, or makes one up). Every comparison is constant-time; the slow hashes run
+Generate a hashed form with ``trisocks hash-key`` (it reads the key from standard input,
+or makes one up). Every comparison is constant-time; the slow hashes run
 in a worker thread, and once a key has been verified its SHA-256 is remembered so that
 later requests cost one hash.
 """
@@ -18,14 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import sys
 
+import bcrypt
 import trio
 
 from ..throttle import FailureLimiter  # noqa: F401 - part of this module's API
 
-SCHEMES = ("sha256:", "pbkdf2:", "scrypt:")
+SCHEMES = ("sha256:", "pbkdf2:", "scrypt:", "$2")
+_BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
+BCRYPT_COST = 12
 PBKDF2_ITERATIONS = 600_000
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**15, 8, 1
 _SCRYPT_MAXMEM = 256 << 20
@@ -74,6 +79,13 @@ class ApiKey:
             self._slow = (lambda c: hashlib.scrypt(c.encode(), salt=salt, n=n, r=r, p=p,
                                                    maxmem=_SCRYPT_MAXMEM, dklen=len(expected)),
                           expected)
+        elif spec.startswith("$2"):  # a bcrypt hash, or a mangled one: never a plaintext
+            self.scheme = "bcrypt"
+            if not _BCRYPT.fullmatch(spec):
+                raise ValueError("a bcrypt API key hash reads $2b$<cost 04-31>$<53 characters of "
+                                 "salt and hash>")
+            hashed = spec.encode()
+            self._slow = (lambda c: _bcrypt_check(c, hashed), True)
         else:
             self._fast = _sha256(spec)
 
@@ -97,7 +109,10 @@ class ApiKey:
         if fast is not None:
             return fast
         derive, expected = self._slow
-        ok = hmac.compare_digest(derive(candidate), expected)
+        if expected is True:  # bcrypt: the library compares
+            ok = derive(candidate)
+        else:
+            ok = hmac.compare_digest(derive(candidate), expected)
         if ok:
             self._fast = _sha256(candidate)  # from now on one hash per request
         return ok
@@ -107,6 +122,13 @@ class ApiKey:
         if fast is not None:
             return fast
         return await trio.to_thread.run_sync(self.verify_slow, candidate)
+
+
+def _bcrypt_check(candidate: str, hashed: bytes) -> bool:
+    raw = candidate.encode()
+    if len(raw) > 72:  # bcrypt reads 72 bytes at most; newer versions refuse longer input
+        return False
+    return bcrypt.checkpw(raw, hashed)
 
 
 def _unhex(text: str, size: int | None, what: str) -> bytes:
@@ -120,8 +142,12 @@ def _unhex(text: str, size: int | None, what: str) -> bytes:
 
 
 def hash_key(key: str, scheme: str = "scrypt") -> str:
-    """The configured form of ``key`` for ``scheme`` (sha256, pbkdf2 or scrypt)."""
+    """The configured form of ``key`` for ``scheme`` (sha256, pbkdf2, scrypt or bcrypt)."""
     salt = secrets.token_bytes(16)
+    if scheme == "bcrypt":
+        if len(key.encode()) > 72:
+            raise ValueError("bcrypt takes keys of at most 72 bytes")
+        return bcrypt.hashpw(key.encode(), bcrypt.gensalt(rounds=BCRYPT_COST)).decode()
     if scheme == "sha256":
         return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
     if scheme == "pbkdf2":
@@ -131,7 +157,7 @@ def hash_key(key: str, scheme: str = "scrypt") -> str:
         h = hashlib.scrypt(key.encode(), salt=salt, n=SCRYPT_N, r=SCRYPT_R, p=SCRYPT_P,
                            maxmem=_SCRYPT_MAXMEM, dklen=32)
         return f"scrypt:{SCRYPT_N}:{SCRYPT_R}:{SCRYPT_P}:{salt.hex()}:{h.hex()}"
-    raise ValueError(f"unknown scheme {scheme!r} (sha256, pbkdf2 or scrypt)")
+    raise ValueError(f"unknown scheme {scheme!r} (sha256, pbkdf2, scrypt or bcrypt)")
 
 
 def presented_keys(headers) -> list[str]:
@@ -147,18 +173,10 @@ def presented_keys(headers) -> list[str]:
     return found
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m trisocks.management.keys",
-        description="Print the hashed form of a management API key, for -k/--api-key or "
-        "TRISOCKS_API_KEY. The key is read from standard input (one line); with --generate "
-        "a new random key is made and printed first.")
-    parser.add_argument("--scheme", choices=("scrypt", "pbkdf2", "sha256"), default="scrypt")
-    parser.add_argument("--generate", action="store_true", help="make up a new key")
-    args = parser.parse_args(argv)
-    if args.generate:
+def hash_key_command(scheme: str, generate: bool) -> int:
+    """``trisocks hash-key``: print the configured form of a key read from standard input
+    (or of a new random one)."""
+    if generate:
         key = secrets.token_urlsafe(32)
         print(f"key:  {key}")
     else:
@@ -169,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             key = sys.stdin.readline().rstrip("\r\n")
         if not key:
-            print("error: empty key", file=sys.stderr)
+            print("trisocks: error: empty key", file=sys.stderr)
             return 2
-    print(("hash: " if args.generate else "") + hash_key(key, args.scheme))
+    try:
+        hashed = hash_key(key, scheme)
+    except ValueError as e:
+        print(f"trisocks: error: {e}", file=sys.stderr)
+        return 2
+    print(("hash: " if generate else "") + hashed)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
