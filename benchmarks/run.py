@@ -14,6 +14,9 @@ idle) and torn down after it; nginx serves the payloads and sinks uploads.
 
 Relays without SOCKS (socat, the lean Trio relay) are hit directly, as if they were
 the HTTP server. Each figure is the median of --repeat repetitions (errors are summed).
+The repetitions run in rounds: every system once per round, started fresh each time,
+so that a shared machine's drift over the run is spread over all systems instead of
+landing on whichever ran while it lasted (--sequential: all of one system first).
 Results: benchmarks/results/<date>.{json,md,png} and latest.{md,png}; --quick runs go to
 benchmarks/results/quick/, partial (--only) full runs to benchmarks/results/partial/.
 
@@ -83,6 +86,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", metavar="DIR", type=Path,
                    help="directory for the JSON/Markdown/PNG results")
     p.add_argument("--repeat", type=int, help="repetitions per figure (default 3; smoke 1)")
+    p.add_argument("--sequential", action="store_true",
+                   help="run all repetitions of a system before the next system (default: "
+                        "interleaved rounds, each system started fresh once per round, so "
+                        "that drift of a shared machine falls on every system alike)")
     p.add_argument("--size-mib", type=int, help="bulk payload in MiB (default 1024; quick 256)")
     p.add_argument("--requests", type=int, help="requests per rate run (default 3000)")
     p.add_argument("--concurrency", type=int, help="concurrent requests (default 50)")
@@ -254,6 +261,25 @@ def run_system(system, ctx, args, payload, tools, progress) -> dict:
             g.get("reps") for g in result["groups"].values()) else "partial"
         result["reason"] = "; ".join(failures)
     return result
+
+
+def merge_round(before: dict | None, got: dict) -> dict:
+    """One system's results over the rounds so far: repetitions appended per group; a
+    round that failed leaves the system "partial" (or "failed" if nothing was measured)."""
+    if before is None:
+        return got
+    for group, g in got["groups"].items():
+        if group in before["groups"]:
+            before["groups"][group]["reps"].extend(g["reps"])
+            if "error" in g:
+                before["groups"][group].setdefault("error", g["error"])
+        else:
+            before["groups"][group] = g
+    if got["status"] != "ok":
+        measured = any(g.get("reps") for g in before["groups"].values())
+        before["status"] = "partial" if measured else "failed"
+        before["reason"] = "; ".join(x for x in (before.get("reason"), got.get("reason")) if x)
+    return before
 
 
 def pick_ss_cipher(ctx, args, payload, tools, progress) -> dict:
@@ -447,23 +473,33 @@ def main(argv: list[str]) -> int:
 
         results: dict = {}
         ss_choice = None
-        for name in args.systems:
-            system = systems.BY_NAME[name]
-            if (name == "shadowsocks-libev" and not system.unavailable(ctx)
-                    and "bulk" in args.groups):
-                if args.ss_cipher == "auto":
-                    ss_choice = pick_ss_cipher(ctx, args, payload, tools, progress)
-                else:
-                    ctx.ss_cipher = args.ss_cipher
-                    ss_choice = {"chosen": args.ss_cipher, "mb_per_s": {}}
-            progress(f"== {name}: {system.description}")
-            try:
-                results[name] = run_system(system, ctx, args, payload, tools, progress)
-            except (OSError, RuntimeError, ValueError) as exc:  # harness-level failure
-                progress(f"{name}: FAILED: {exc}")
-                results[name] = {"description": system.description, "groups": {},
-                                 "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
-                                 "traceback": traceback.format_exc()}
+        # Interleaved rounds (the default): each round runs every system once, so the
+        # repetitions of two systems being compared are minutes, not a whole run, apart.
+        rounds = 1 if args.sequential else args.repeat
+        round_args = args if args.sequential else argparse.Namespace(**{**vars(args), "repeat": 1})
+        for r in range(rounds):
+            if rounds > 1:
+                progress(f"=== round {r + 1}/{rounds}")
+            for name in args.systems:
+                system = systems.BY_NAME[name]
+                if results.get(name, {}).get("status") in ("skipped", "failed"):
+                    continue  # it will not start in this round either
+                if (r == 0 and name == "shadowsocks-libev" and not system.unavailable(ctx)
+                        and "bulk" in args.groups):
+                    if args.ss_cipher == "auto":
+                        ss_choice = pick_ss_cipher(ctx, args, payload, tools, progress)
+                    else:
+                        ctx.ss_cipher = args.ss_cipher
+                        ss_choice = {"chosen": args.ss_cipher, "mb_per_s": {}}
+                progress(f"== {name}: {system.description}")
+                try:
+                    got = run_system(system, ctx, round_args, payload, tools, progress)
+                except (OSError, RuntimeError, ValueError) as exc:  # harness-level failure
+                    progress(f"{name}: FAILED: {exc}")
+                    got = {"description": system.description, "groups": {},
+                           "status": "failed", "reason": f"{type(exc).__name__}: {exc}",
+                           "traceback": traceback.format_exc()}
+                results[name] = merge_round(results.get(name), got)
     finally:
         if nginx:
             procs.stop(nginx)
@@ -478,6 +514,7 @@ def main(argv: list[str]) -> int:
                    "streams": args.streams, "payload": args.payload,
                    "requests": args.requests, "concurrency": args.concurrency,
                    "idle_channels": args.idle_channels, "repeat": args.repeat,
+                   "order": "sequential" if args.sequential else "interleaved",
                    "rate_tool": "hey" if tools.get("hey") else "python"},
         "machine": dict(machine_facts(tools), loadavg_start=data_load_start),
         "install_notes": ilog.notes,
