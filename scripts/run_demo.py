@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from trisocks.tokens import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".run"
@@ -85,7 +86,7 @@ def secret_file(path: Path, nbytes: int) -> tuple[str, bool]:
     """The secret kept in ``path`` (made and saved 0600 the first time); True when new."""
     if path.exists():
         return path.read_text().strip(), False
-    value = secrets.token_urlsafe(nbytes)
+    value = generate(nbytes)  # never a leading '-': the token is pasted after -t
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(value + "\n")

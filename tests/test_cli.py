@@ -180,6 +180,17 @@ def test_server_without_token_prints_a_generated_one_that_works(trisocks_server,
     fetch_ok(client, payload_server)
 
 
+def test_generated_tokens_and_keys_never_start_with_a_dash(monkeypatch):
+    # one url-safe token in 64 starts with "-", and "client -t -abc..." is a usage error
+    from trisocks import tokens
+    from trisocks.management.plane import new_user_key
+
+    draws = iter(["-looks-like-a-flag", "_fine-token", "-again", "fine-key"])
+    monkeypatch.setattr(tokens.secrets, "token_urlsafe", lambda nbytes: next(draws))
+    assert tokens.generate() == "_fine-token"
+    assert new_user_key() == "fine-key"
+
+
 def test_wrong_token_exits_promptly_and_tokens_are_never_logged(procs, trisocks_server,
                                                                 trisocks_client, payload_server):
     good = "GoodToken-9f3c2a71e5d84b06"

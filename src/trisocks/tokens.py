@@ -22,9 +22,14 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def generate() -> str:
-    """A fresh random token (22 url-safe characters, 128 bits)."""
-    return secrets.token_urlsafe(16)
+def generate(nbytes: int = 16) -> str:
+    """A fresh random token or key: ``nbytes`` random bytes as url-safe text (16 bytes: 22
+    characters, 128 bits). Never with a leading "-", which a command line such as
+    ``trisocks client -t TOKEN`` would read as a flag."""
+    while True:
+        value = secrets.token_urlsafe(nbytes)
+        if not value.startswith("-"):
+            return value
 
 
 def redact(token: str) -> str:

@@ -27,6 +27,7 @@ import bcrypt
 import trio
 
 from ..throttle import FailureLimiter  # noqa: F401 - part of this module's API
+from ..tokens import generate as new_secret
 
 SCHEMES = ("sha256:", "pbkdf2:", "scrypt:", "$2")
 _BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
@@ -177,7 +178,7 @@ def hash_key_command(scheme: str, generate: bool) -> int:
     """``trisocks hash-key``: print the configured form of a key read from standard input
     (or of a new random one)."""
     if generate:
-        key = secrets.token_urlsafe(32)
+        key = new_secret(32)
         print(f"key:  {key}")
     else:
         if sys.stdin.isatty():

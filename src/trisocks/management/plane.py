@@ -60,7 +60,7 @@ def rfc3339(t: float | None) -> datetime | None:
 
 
 def new_user_key() -> str:
-    return secrets.token_urlsafe(24)  # 32 characters, 192 bits
+    return generate(24)  # 32 characters, 192 bits
 
 
 class Management:
