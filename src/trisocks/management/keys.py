@@ -49,7 +49,7 @@ class ApiKey:
             raise ValueError("the API key is empty")
         self.scheme = "plain"
         self._fast: bytes | None = None  # sha256 of the key, when known
-        self._slow = None  # (function of candidate -> bytes, expected bytes)
+        self._slow = None  # function of candidate -> bool, for the slow hashes
         if spec.startswith("sha256:"):
             hexpart = spec[7:]
             self.scheme = "sha256"
@@ -65,8 +65,8 @@ class ApiKey:
                 raise ValueError("pbkdf2 iterations must be between 1000 and 10000000")
             salt = _unhex(parts[3], None, "pbkdf2 salt (hex)")
             expected = _unhex(parts[4], None, "pbkdf2 hash (hex)")
-            self._slow = (lambda c: hashlib.pbkdf2_hmac("sha256", c.encode(), salt, iterations,
-                                                        len(expected)), expected)
+            self._slow = lambda c: hmac.compare_digest(
+                hashlib.pbkdf2_hmac("sha256", c.encode(), salt, iterations, len(expected)), expected)
         elif spec.startswith("scrypt:"):
             self.scheme = "scrypt"
             parts = spec.split(":")
@@ -77,16 +77,16 @@ class ApiKey:
                 raise ValueError("scrypt parameters: n a power of two, 1 <= r <= 64, 1 <= p <= 16")
             salt = _unhex(parts[4], None, "scrypt salt (hex)")
             expected = _unhex(parts[5], None, "scrypt hash (hex)")
-            self._slow = (lambda c: hashlib.scrypt(c.encode(), salt=salt, n=n, r=r, p=p,
-                                                   maxmem=_SCRYPT_MAXMEM, dklen=len(expected)),
-                          expected)
+            self._slow = lambda c: hmac.compare_digest(
+                hashlib.scrypt(c.encode(), salt=salt, n=n, r=r, p=p, maxmem=_SCRYPT_MAXMEM,
+                               dklen=len(expected)), expected)
         elif spec.startswith("$2"):  # a bcrypt hash, or a mangled one: never a plaintext
             self.scheme = "bcrypt"
             if not _BCRYPT.fullmatch(spec):
                 raise ValueError("a bcrypt API key hash reads $2b$<cost 04-31>$<53 characters of "
                                  "salt and hash>")
             hashed = spec.encode()
-            self._slow = (lambda c: _bcrypt_check(c, hashed), True)
+            self._slow = lambda c: _bcrypt_check(c, hashed)  # bcrypt compares itself
         else:
             self._fast = _sha256(spec)
 
@@ -105,15 +105,11 @@ class ApiKey:
         return None
 
     def verify_slow(self, candidate: str) -> bool:
-        """The full check (slow for pbkdf2/scrypt: call from a worker thread)."""
+        """The full check (slow for pbkdf2/scrypt/bcrypt: call from a worker thread)."""
         fast = self.verify_fast(candidate)
         if fast is not None:
             return fast
-        derive, expected = self._slow
-        if expected is True:  # bcrypt: the library compares
-            ok = derive(candidate)
-        else:
-            ok = hmac.compare_digest(derive(candidate), expected)
+        ok = self._slow(candidate)
         if ok:
             self._fast = _sha256(candidate)  # from now on one hash per request
         return ok
