@@ -226,7 +226,7 @@ class Bridge:
         elif not self._lingering:
             # the other side may still have bytes in flight; give it a moment to answer
             self._lingering = True
-            end.session.nursery.start_soon(self._linger)
+            end.session.spawn(self._linger, unit="bridge")
 
     async def _linger(self) -> None:
         """One side said Disconnect: give the other time to answer, and for as long as bytes

@@ -241,7 +241,7 @@ class Channel:
     def _kick_drain(self) -> None:
         if not self._draining and self.sock is not None:
             self._draining = True
-            self.session.nursery.start_soon(self._drain)
+            self.session.spawn(self._drain, unit="drain")
 
     async def _drain(self) -> None:
         sock = self.sock

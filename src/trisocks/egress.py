@@ -56,7 +56,7 @@ class Egress(Handler):
         if msg.protocol == protocol.TCP:
             ch = session.accept_channel(msg.channel, f"{msg.address}:{msg.port}")
             if ch is not None:
-                session.nursery.start_soon(self._dial_and_relay, session, ch, msg)
+                session.spawn(self._dial_and_relay, session, ch, msg, unit=f"dial {ch.target}")
         else:
             from .udp import UdpEgress
 

@@ -130,7 +130,7 @@ class Server:
                          self.config.ws_host, self.port, "TLS" if self.tls else "plain HTTP")
                 self.ready.set()
                 task_status.started(self.port)
-                await accept_loop(lsock, self._handle, nursery, log)
+                await accept_loop(lsock, self._handle, nursery, log, "WebSocket connection")
         finally:
             close_socket(lsock)
 
@@ -489,7 +489,7 @@ class ConnectorSide(Handler):
         target = f"{msg.address}:{msg.port}" if msg.protocol == protocol.TCP else "udp"
         bridge = Bridge(session, msg.channel, target)
         session.register(bridge.connector)
-        session.nursery.start_soon(self._link, session, bridge, msg)
+        session.spawn(self._link, session, bridge, msg, unit="bridge")
 
     async def _link(self, session: Session, bridge: Bridge, msg: protocol.Connect) -> None:
         pool = self.service.pool_for(self.info)

@@ -23,6 +23,7 @@ from trio.lowlevel import ParkingLot
 from . import codec, protocol
 from .channel import CLOSED, OPEN, OPENING, Channel
 from .errors import MessageError, ProtocolError
+from .guard import contained
 from .outbox import Outbox
 
 log = logging.getLogger("trisocks.session")
@@ -179,6 +180,11 @@ class Session:
             return "too many channels"
         account = account if account is not None else self.account
         return account.refuse_reason() if account is not None else None
+
+    def spawn(self, fn, *args, unit: str = "channel") -> None:
+        """Start a task that belongs to this session (a dial, a drain, a relay), contained:
+        an unexpected error ends that task, never the session and its other channels."""
+        self.nursery.start_soon(contained, f"{unit} on {self}", fn, *args)
 
     # -- running -------------------------------------------------------------------
     async def run(self) -> None:

@@ -87,7 +87,7 @@ class SocksServer:
             lsock.listen(4096)
             task_status.started(self.port)
             async with trio.open_nursery() as nursery:
-                await accept_loop(lsock, self._handle, nursery, log)
+                await accept_loop(lsock, self._handle, nursery, log, f"{self.name} connection")
         finally:
             self.close()
 

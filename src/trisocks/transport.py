@@ -23,6 +23,8 @@ import socket
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
+from .guard import contained, next_id
+
 # Errors that mean "the peer is gone", reported as a plain close, not a crash.
 CLOSED_ERRNOS = frozenset(
     {errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ESHUTDOWN,
@@ -209,6 +211,13 @@ def listen_on(host: str, port: int, what: str) -> socket.socket:
                       f"{(exc.strerror or str(exc)).lower()}") from None
 
 
+def _peer(addr) -> str:
+    try:
+        return _hostport(addr[0], addr[1])
+    except (TypeError, IndexError):
+        return str(addr)
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -231,8 +240,10 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def accept_loop(lsock: socket.socket, handler, nursery: trio.Nursery, log) -> None:
-    """Accept forever, starting ``handler(sock, addr)`` in ``nursery`` for each connection."""
+async def accept_loop(lsock: socket.socket, handler, nursery: trio.Nursery, log,
+                      what: str = "connection") -> None:
+    """Accept forever, starting ``handler(sock, addr)`` in ``nursery`` for each connection,
+    contained: whatever one connection raises ends that connection only."""
     while True:
         try:
             sock, addr = lsock.accept()
@@ -248,5 +259,5 @@ async def accept_loop(lsock: socket.socket, handler, nursery: trio.Nursery, log)
                 continue
             raise
         tune_socket(sock)
-        nursery.start_soon(handler, sock, addr)
+        nursery.start_soon(contained, f"{what} #{next_id()} from {_peer(addr)}", handler, sock, addr)
         await checkpoint()

@@ -300,7 +300,7 @@ class UdpEgress(_UdpChannel):
             return
         ch = cls(session, channel_id, idle_timeout)
         session.register(ch)
-        session.nursery.start_soon(ch.run)
+        session.spawn(ch.run, unit="UDP association")
 
     async def run(self) -> None:
         try:
