@@ -28,6 +28,7 @@ from ._version import __version__
 MAX_HEAD = 16 << 10
 FLOW_HEADER = "x-trisocks-flow"
 _WINDOW_RE = re.compile(r"window=(\d+)")
+_EOF_RE = re.compile(r"\beof=1\b")  # the peer speaks half-close (protocol.Eof)
 
 _REASONS = {
     101: "Switching Protocols", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
@@ -160,11 +161,17 @@ def accept_websocket(req: Request, *, window: int | None) -> tuple[bytes, int | 
     ]
     peer_window = parse_window(req.headers.get(FLOW_HEADER))
     if peer_window and window:
-        headers.append(("X-Trisocks-Flow", f"window={window}"))
+        eof = ", eof=1" if offers_eof(req.headers.get(FLOW_HEADER)) else ""
+        headers.append(("X-Trisocks-Flow", f"window={window}{eof}"))
     else:
         peer_window = None
     lines = ["HTTP/1.1 101 Switching Protocols"] + [f"{k}: {v}" for k, v in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), peer_window
+
+
+def offers_eof(value: str | None) -> bool:
+    """Whether a flow header says its sender speaks half-close (only with flow control)."""
+    return bool(value and _EOF_RE.search(value) and parse_window(value))
 
 
 def parse_window(value: str | None) -> int | None:
@@ -192,7 +199,7 @@ def client_headers(host_header: str, *, window: int | None, extra=()) -> tuple[l
         ("User-Agent", f"trisocks/{__version__}"),
     ]
     if window:
-        headers.append(("X-Trisocks-Flow", f"window={window}"))
+        headers.append(("X-Trisocks-Flow", f"window={window}, eof=1"))
     headers += list(extra)
     return headers, key
 

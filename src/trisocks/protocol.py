@@ -53,6 +53,7 @@ __all__ = [
     "T_LOG",
     "T_PARTNERS",
     "T_WINDOW_UPDATE",
+    "T_EOF",
     "UDP",
     "Auth",
     "AuthResponse",
@@ -69,6 +70,7 @@ __all__ = [
     "Partners",
     "Unknown",
     "WindowUpdate",
+    "Eof",
     "channel_str",
     "new_channel_id",
     "pack",
@@ -98,6 +100,7 @@ T_DIRECT_STATUS = 0x0D
 # trisocks extension: only ever sent to peers that negotiated it, so LinkSocks
 # never sees it (and would drop it as an unknown type if it did).
 T_WINDOW_UPDATE = 0x70
+T_EOF = 0x71  # half-close: the sender's socket ended its direction (negotiated with "eof=1")
 
 _DIRECT_TYPES = frozenset((T_DIRECT_CAPABILITIES, T_DIRECT_RENDEZVOUS, T_DIRECT_STATUS))
 
@@ -218,6 +221,14 @@ class WindowUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class Eof:
+    """trisocks half-close: no more Data will come on ``channel`` from the sender (its socket
+    sent EOF); the other direction goes on until the receiver's own Eof or a Disconnect."""
+
+    channel: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Unknown:
     """A type this codec does not know; callers log and drop it."""
 
@@ -238,6 +249,7 @@ Message: TypeAlias = (
     | Partners
     | Direct
     | WindowUpdate
+    | Eof
     | Unknown
 )
 
@@ -452,6 +464,10 @@ def _pack_window_update(m: WindowUpdate) -> bytes:
     return _head(T_WINDOW_UPDATE) + _id16(m.channel, "channel") + _U32.pack(m.credit)
 
 
+def _pack_eof(m: Eof) -> bytes:
+    return _head(T_EOF) + _id16(m.channel, "channel")
+
+
 def _pack_unknown(m: Unknown) -> bytes:
     if not 0 <= m.type <= 0xFF or m.type in _PARSERS:
         raise ValueError(f"type {m.type} is known or not a byte; use its own class")
@@ -484,6 +500,7 @@ _PACKERS: dict[type, Callable[[Any], bytes]] = {
     Partners: _pack_partners,
     Direct: _pack_direct,
     WindowUpdate: _pack_window_update,
+    Eof: _pack_eof,
     Unknown: _pack_unknown,
 }
 
@@ -676,6 +693,11 @@ def _parse_window_update(buf: bytes, limit: int) -> WindowUpdate:
     return WindowUpdate(buf[2:18], _U32.unpack_from(buf, 18)[0])
 
 
+def _parse_eof(buf: bytes, limit: int) -> Eof:
+    _need(buf, 18, "Eof", "channel id")
+    return Eof(buf[2:18])
+
+
 _PARSERS: dict[int, Callable[[bytes, int], Message]] = {
     T_AUTH: _parse_auth,
     T_AUTH_RESPONSE: _parse_auth_response,
@@ -691,6 +713,7 @@ _PARSERS: dict[int, Callable[[bytes, int], Message]] = {
     T_DIRECT_RENDEZVOUS: _parse_direct,
     T_DIRECT_STATUS: _parse_direct,
     T_WINDOW_UPDATE: _parse_window_update,
+    T_EOF: _parse_eof,
 }
 
 
