@@ -108,6 +108,8 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _MAX_U32 = 0xFFFFFFFF
 _DEFAULT_MAX_DECOMPRESSED = 32 << 20  # LinkSocks' own cap on one WebSocket message
+MAX_GZIP_MEMBERS = 64  # concatenated gzip members in one Data payload (LinkSocks writes one)
+_GZIP_STEP = 64 << 10  # input fed to zlib at a time
 
 
 # --- messages -----------------------------------------------------------------
@@ -614,25 +616,32 @@ def _parse_data(buf: bytes, limit: int) -> Data:
 
 
 def _gunzip(data: bytes, limit: int) -> bytes:
-    # Go's gzip reader accepts concatenated members, so we do too; each member
-    # may yield at most what is left of the bound (a gzip bomb must not get far).
+    # Go's gzip reader accepts concatenated members, so we do too, up to MAX_GZIP_MEMBERS;
+    # all members share the output bound (a gzip bomb must not get far). Input goes in
+    # slices of _GZIP_STEP through a memoryview, so what zlib copies back as unused_data
+    # is at most one slice per member: the work stays linear in the input.
     out: list[bytes] = []
     left = limit
-    while True:
+    view = memoryview(data)
+    pos, end = 0, len(view)
+    for _ in range(MAX_GZIP_MEMBERS):
         d = zlib.decompressobj(31)
-        try:
-            chunk = d.decompress(data, left + 1)
-        except zlib.error as exc:
-            raise MessageError(f"Data: bad gzip payload ({exc})") from None
-        if len(chunk) > left:
-            raise MessageError(f"Data: gzip payload inflates beyond {limit} bytes")
-        if not d.eof:
-            raise MessageError("Data: truncated gzip payload")
-        out.append(chunk)
-        left -= len(chunk)
-        data = d.unused_data
-        if not data:
+        while not d.eof:
+            if pos >= end:
+                raise MessageError("Data: truncated gzip payload")
+            step = view[pos : pos + _GZIP_STEP]
+            try:
+                chunk = d.decompress(step, left + 1)
+            except zlib.error as exc:
+                raise MessageError(f"Data: bad gzip payload ({exc})") from None
+            if len(chunk) > left:
+                raise MessageError(f"Data: gzip payload inflates beyond {limit} bytes")
+            out.append(chunk)
+            left -= len(chunk)
+            pos += len(step) - len(d.unused_data)
+        if pos >= end:
             return b"".join(out)
+    raise MessageError(f"Data: gzip payload of more than {MAX_GZIP_MEMBERS} members")
 
 
 def _parse_disconnect(buf: bytes, limit: int) -> Disconnect:

@@ -1,19 +1,41 @@
-"""Per-address limits on failed authentication (tunnel tokens and API keys alike)."""
+"""Per-address limits on failed authentication (tunnel tokens, API keys, SOCKS5 passwords).
+
+Addresses are grouped as an attacker would have to spread them: an IPv4 address is one
+source, an IPv6 address counts for its whole /64 (a single host usually holds a /64 and
+can pick any address in it).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import OrderedDict, deque
 
 
-class FailureLimiter:
-    """At most ``max_failures`` failed attempts per address in ``window`` seconds.
+def address_key(address: str) -> str:
+    """The source an address belongs to: the IPv4 address itself, or an IPv6 /64
+    (IPv4-mapped IPv6 as its IPv4 address); anything else (not an IP) unchanged."""
+    try:
+        ip = ipaddress.ip_address(address.strip("[]").partition("%")[0])
+    except ValueError:
+        return address
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
-    Past that the address is refused (429, ``Retry-After``) until its oldest failure in the
-    window is ``window`` seconds old. A success clears the address's record. At most
-    ``max_addresses`` addresses are remembered (the least recently failing go first), so
-    a flood from many addresses costs bounded memory.
+
+class FailureLimiter:
+    """At most ``max_failures`` failed attempts per source in ``window`` seconds.
+
+    Past that the source is refused (429, ``Retry-After``) until its oldest failure in the
+    window is ``window`` seconds old. Failures only decay with time: a success does not
+    clear them (or one valid token every nine guesses would allow unlimited guessing), and
+    a user who mistyped a few times is never locked out by its own success either. At most
+    ``max_addresses`` sources are remembered (the least recently failing go first), so a
+    flood from many addresses costs bounded memory.
     """
 
     def __init__(self, max_failures: int = 10, window: float = 60.0,
@@ -27,27 +49,29 @@ class FailureLimiter:
 
     def retry_after(self, address: str) -> int:
         """Seconds this address must wait (0: it may try now)."""
-        record = self._failures.get(address)
+        key = address_key(address)
+        record = self._failures.get(key)
         if not record:
             return 0
         now = self.clock()
         while record and now - record[0] >= self.window:
             record.popleft()
         if not record:
-            del self._failures[address]
+            del self._failures[key]
             return 0
         if len(record) < self.max_failures:
             return 0
         return max(1, math.ceil(record[0] + self.window - now))
 
     def failed(self, address: str) -> None:
-        record = self._failures.pop(address, None)
+        key = address_key(address)
+        record = self._failures.pop(key, None)
         if record is None:
             record = deque(maxlen=self.max_failures)
         record.append(self.clock())
-        self._failures[address] = record  # most recent last
+        self._failures[key] = record  # most recent last
         while len(self._failures) > self.max_addresses:
             self._failures.popitem(last=False)
 
     def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
+        """Kept for callers; deliberately forgets nothing (failures decay with time only)."""
