@@ -21,6 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from trisocks.errors import ProtocolError
+
 from . import codec_helpers as H
 from .codec_helpers import _relay, _relay_py
 
@@ -404,3 +406,51 @@ def test_constants_agree():
         assert getattr(_relay, name) == getattr(_relay_py, name), name
     assert _relay.HEADROOM == 2 + 8 + 4 + 24
     assert struct.calcsize("!BBB16sBI") == _relay.DATA_HEADER
+
+
+def _hand_over(mod, stream: bytes, expect_masked: bool):
+    """What the server does at authentication: a small decoder until its first message,
+    then the bytes it holds unparsed go on in a full decoder, which decodes the rest."""
+    small = mod.Decoder(expect_masked=expect_masked, max_message=4096, buffer_size=1024)
+    pos, out = 0, []
+    try:
+        while True:
+            ev = small.next_event()
+            if ev == mod.MESSAGE:
+                out.append(("first", bytes(small.data)))
+                break
+            if ev != mod.NEED_DATA:
+                out.append(H.describe(mod, small, ev))
+                continue
+            space = small.get_buffer()
+            n = min(len(space), len(stream) - pos)
+            if n == 0:
+                return out, ("no first message",)
+            space[:n] = stream[pos:pos + n]
+            small.feed(n)
+            pos += n
+        rest = small.take_unparsed() + stream[pos:]
+    except (ProtocolError, ValueError) as exc:
+        return out, (type(exc).__name__, str(exc))
+    full = H.drive(mod, rest, expect_masked=expect_masked)
+    return out, full.steps, full.error
+
+
+@FUZZ
+@given(case=plausible_frames())
+def test_take_unparsed_hands_over_the_same_way(case):
+    expect_masked, stream = case
+    assert _hand_over(_relay, stream, expect_masked) == _hand_over(_relay_py, stream, expect_masked)
+
+
+@pytest.mark.parametrize("mod", [_relay, _relay_py], ids=["compiled", "pure"])
+def test_take_unparsed_only_between_messages(mod):
+    d = mod.Decoder(expect_masked=False, buffer_size=1024)
+    d.feed_bytes(H.build_frame(2, b"\x01\x55ab") + H.build_frame(2, b"\x01\x55cdef")[:3])
+    assert d.next_event() == mod.MESSAGE and d.data == b"\x01\x55ab"
+    assert d.take_unparsed() == H.build_frame(2, b"\x01\x55cdef")[:3]
+    assert d.take_unparsed() == b""
+    d.feed_bytes(H.build_frame(2, b"\x01\x55cdef")[:3])
+    assert d.next_event() == mod.NEED_DATA
+    with pytest.raises(ValueError):
+        d.take_unparsed()

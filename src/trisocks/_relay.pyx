@@ -311,6 +311,14 @@ cdef class Decoder:
         space[:n] = data
         self.feed(n)
 
+    def take_unparsed(self):
+        """Remove and return the bytes received but not parsed yet (see the pure twin)."""
+        if self._in_frame or self._msg_active:
+            raise ValueError("in the middle of a frame or message")
+        data = bytes(self._buf[self._rpos:self._wpos])
+        self._rpos = self._wpos = 0
+        return data
+
     # -- events --------------------------------------------------------------
     def next_event(self):
         cdef int ev

@@ -235,6 +235,16 @@ class Decoder:
         space[:n] = data
         self.feed(n)
 
+    def take_unparsed(self) -> bytes:
+        """Remove and return the bytes received but not parsed yet, to go on in another
+        decoder (a small one before authentication, a full one after). Only between
+        messages: right after a MESSAGE event, or before any."""
+        if self._in_frame or self._msg_active:
+            raise ValueError("in the middle of a frame or message")
+        data = bytes(self._buf[self._rpos : self._wpos])
+        self._rpos = self._wpos = 0
+        return data
+
     # -- events --------------------------------------------------------------
     def next_event(self) -> int:
         while True:
