@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 import trio
@@ -436,8 +437,29 @@ def cmd_client(args) -> int:
         usage_error(f"{exc}")
     log.info("trisocks %s %s connecting to %s", __version__, "provider" if reverse else "client",
              client.endpoint.display)
-    trio.run(client.run)
-    return 0
+    stopped_by = trio.run(until_signal, client.run)
+    return 130 if stopped_by == signal.SIGINT else 0
+
+
+async def until_signal(run) -> int | None:
+    """Run ``run()`` until it returns or SIGTERM/SIGINT comes; then cancel it, which closes
+    every WebSocket with a close frame (1001) so the server drops us at once (a provider
+    leaves its pool now, not after a ping timeout). Returns the signal, if one came."""
+    stopped_by = None
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def main() -> None:
+                await run()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(main)
+            async for signum in signals:
+                stopped_by = signum
+                log.info("stopping (%s): closing the connections to the server",
+                         signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return stopped_by
 
 
 def cmd_hash_key(args) -> int:

@@ -10,16 +10,23 @@
 
 The client keeps ``threads`` WebSocket sessions up, reconnecting with capped,
 jittered exponential backoff, and spreads new channels over the live ones. A
-refused token ends the client: retrying cannot fix it.
+session that fails for any reason, a bug included, is reconnected; a refused
+token ends the client: retrying cannot fix it.
+
+A ``token=`` in the server URL wins over the configured token and is sent the way
+LinkSocks and pywssocks clients send it: as the URL-query auth form
+(``?token=<sha256 hex>&reverse=...&instance=...``), with no Auth message.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import ssl
+import uuid
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
 
@@ -28,6 +35,7 @@ from .codec import OP_BINARY, Decoder, ProtocolError, encode_frame
 from .dial import dial_tcp
 from .egress import Egress
 from .errors import AuthError, MessageError, TunnelError
+from .guard import PEER_ERRORS, report
 from .handshake import HandshakeError, client_handshake, parse_window
 from .ingress import Ingress
 from .pool import SessionPool
@@ -103,6 +111,31 @@ class Endpoint:
         return f"{self.scheme}://{self.host_header}{self.resource.split('?')[0]}"
 
 
+def split_url_token(url: str) -> tuple[str, str | None]:
+    """The URL without its ``token=`` query parameter, and that token (None if absent or empty).
+
+    Both peers' clients take a token in the URL over the one given apart; it must never be
+    sent as it stands (servers read a plain ``token=`` as a digest and refuse it)."""
+    parts = urlsplit(url if "://" in url else "ws://" + url)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    tokens = [value for key, value in pairs if key == "token" and value]
+    if not any(key == "token" for key, _ in pairs):
+        return url, None
+    rest = urlencode([(key, value) for key, value in pairs if key != "token"])
+    return urlunsplit(parts._replace(query=rest)), (tokens[0] if tokens else None)
+
+
+def url_auth_resource(resource: str, token: str, reverse: bool, instance: bytes) -> str:
+    """The GET target for URL-query auth: the token's SHA-256 hex, the role and the instance."""
+    path, _, query = resource.partition("?")
+    own = ("token", "reverse", "instance")
+    pairs = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in own]
+    pairs += [("token", hashlib.sha256(token.encode()).hexdigest()),
+              ("reverse", "true" if reverse else "false"),
+              ("instance", str(uuid.UUID(bytes=instance)))]
+    return f"{path}?{urlencode(pairs)}"
+
+
 def parse_url(url: str) -> Endpoint:
     """Accept ws/wss/http/https URLs (LinkSocks style); an empty path means /socket."""
     if "://" not in url:
@@ -153,7 +186,10 @@ class ConnectorHandler(Handler):
 class Client:
     def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.endpoint = parse_url(config.url)
+        url, url_token = split_url_token(config.url)
+        self.url_auth = url_token is not None  # the token goes in the URL, hashed: no Auth message
+        self.token = url_token if url_token is not None else config.token
+        self.endpoint = parse_url(url)
         self.proxy = self._choose_proxy()
         self.tls = None
         if self.endpoint.scheme == "wss":
@@ -166,6 +202,7 @@ class Client:
         self.partners = 0
         self.socks_port: int | None = None
         self.socks: SocksServer | None = None
+        self._ready_before = False  # a readiness line was logged: the next one says "reconnected"
         self._connector_replies: dict[bytes, trio.Event] = {}
         self._connector_results: dict[bytes, protocol.ConnectorResponse] = {}
         if config.reverse:
@@ -214,13 +251,32 @@ class Client:
             if cfg.socks_wait_server:
                 await self.pool.wait_nonempty()
             self.socks_port = await nursery.start(self.socks.serve)
-            host = f"[{cfg.socks_host}]" if ":" in cfg.socks_host else cfg.socks_host
-            log.info("SOCKS5 proxy listening on %s:%d%s", host, self.socks_port,
+            # logged once the port accepts (supervisors and tests wait for this line)
+            log.info("SOCKS5 proxy listening on %s%s", self._socks_display(),
                      " (username/password required)" if creds else "")
+            self._ready_before = bool(self.pool.sessions)  # with -i: not ready until connected
             task_status.started(self.socks_port)
+
+    def _socks_display(self) -> str:
+        host = self.config.socks_host
+        return f"{f'[{host}]' if ':' in host else host}:{self.socks_port}"
+
+    def _announce_ready(self) -> None:
+        """A first session is up (again): say the role can be used, with a stable wording."""
+        again = " (reconnected)" if self._ready_before else ""
+        if self.ingress is None:
+            log.info("provider ready on %s%s", self.endpoint.display, again)
+        elif self.socks_port is not None:
+            log.info("SOCKS5 proxy ready on %s%s", self._socks_display(), again)
+        else:
+            return  # the first time, run() says so once the port accepts
+        self._ready_before = True
 
     # -- sessions --------------------------------------------------------------------
     async def _keep_connected(self, slot: int) -> None:
+        """One of the ``threads`` connections: connect, serve, and start again whatever ended it.
+
+        Only a refused token (AuthError) and, with -R, a lost connection end it."""
         cfg = self.config
         delay = cfg.backoff_initial
         while True:
@@ -228,8 +284,8 @@ class Client:
                 session = await self.connect()
             except AuthError:
                 raise
-            except (OSError, HandshakeError, trio.TooSlowError, EOFError, ProtocolError,
-                    MessageError) as exc:
+            except Exception as exc:
+                _note_failure(f"connecting to {self.endpoint.display}", exc)
                 if not cfg.reconnect:
                     raise TunnelError(f"cannot reach {self.endpoint.display}: {_describe(exc)}") from None
                 wait = delay * random.uniform(0.8, 1.2)
@@ -238,19 +294,37 @@ class Client:
                 await trio.sleep(wait)
                 delay = min(delay * 2, cfg.backoff_max)
                 continue
-            delay = cfg.backoff_initial
+            started = trio.current_time()
+            await self._serve_contained(session, slot)
+            if not cfg.reconnect:
+                raise TunnelError(f"disconnected from server: {session.close_reason}")
+            log.warning("connection %d to server lost (%s); reconnecting", slot,
+                        session.close_reason or "closed")
+            if trio.current_time() - started < cfg.backoff_max:
+                # a session that keeps failing soon after auth must not make a tight loop
+                await trio.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, cfg.backoff_max)
+            else:
+                delay = cfg.backoff_initial
+
+    async def _serve_contained(self, session: Session, slot: int) -> None:
+        """Run one authenticated session; whatever it raises (a bug too) ends it alone."""
+        try:
             async with trio.open_nursery() as nursery:
-                if cfg.reverse and cfg.connector_token:
+                if self.config.reverse and self.config.connector_token:
                     nursery.start_soon(self._register_connector, session)
                 await self._run_session(session)
                 nursery.cancel_scope.cancel()
-            if not cfg.reconnect:
-                raise TunnelError(f"disconnected from server: {session.close_reason}")
-            log.warning("connection %d to server lost (%s); reconnecting", slot, session.close_reason)
+        except Exception as exc:
+            session.close_reason = session.close_reason or f"failed: {_describe(_leaf(exc))}"
+            _note_failure(f"connection {slot} to server", exc)
 
     async def _run_session(self, session: Session) -> None:
+        was_empty = not self.pool.sessions
         self.pool.add(session)
         try:
+            if was_empty:
+                self._announce_ready()
             await session.run()
         finally:
             self.pool.remove(session)
@@ -274,7 +348,9 @@ class Client:
         else:
             transport = SocketTransport(sock, ep.display)
         try:
-            headers, leftover = await client_handshake(transport, ep.host_header, ep.resource,
+            resource = (url_auth_resource(ep.resource, self.token, cfg.reverse, self.instance)
+                        if self.url_auth else ep.resource)
+            headers, leftover = await client_handshake(transport, ep.host_header, resource,
                                                        window=cfg.window)
             decoder = Decoder(expect_masked=False, max_message=cfg.max_message, buffer_size=RECV_BUFFER)
             decoder.feed_bytes(leftover)
@@ -283,10 +359,18 @@ class Client:
                 name=f"server {ep.display}", peer_window=parse_window(headers.get("x-trisocks-flow")),
                 recv_window=cfg.window, ping_interval=cfg.ping_interval, idle_timeout=cfg.idle_timeout,
             )
-            auth = protocol.Auth(cfg.token, cfg.reverse, self.instance)
-            await transport.send_all(encode_frame(OP_BINARY, protocol.pack(auth), session.mask_key()))
+            if not self.url_auth:
+                auth = protocol.Auth(self.token, cfg.reverse, self.instance)
+                await transport.send_all(encode_frame(OP_BINARY, protocol.pack(auth), session.mask_key()))
+            # every server answers both forms with an AuthResponse, except that pywssocks
+            # refuses a URL token by closing with 1008 and no AuthResponse
             reply = protocol.parse(await read_message(transport, decoder, timeout=cfg.dial_timeout,
                                                       client_side=True))
+        except EOFError as exc:
+            close_socket(sock)
+            if decoder.close_code == 1008:
+                raise self._refused(decoder.close_reason or "policy violation") from None
+            raise exc
         except BaseException:
             close_socket(sock)
             raise
@@ -295,13 +379,16 @@ class Client:
             raise EOFError(f"expected AuthResponse, got {type(reply).__name__}")
         if not reply.success:
             close_socket(sock)
-            hint = " (no token given: use -t or TRISOCKS_TOKEN)" if cfg.token == "anonymous" else ""
-            reason = reply.error or "invalid token"
-            raise AuthError(f"server refused token {redact(cfg.token)}: {reason}{hint}")
+            raise self._refused(reply.error or "invalid token")
         role = "provider" if cfg.reverse else "client"
         log.info("connected to %s as %s%s", ep.display, role,
                  " (trisocks flow control)" if session.peer_window else "")
         return session
+
+    def _refused(self, reason: str) -> AuthError:
+        hint = " (no token given: use -t or TRISOCKS_TOKEN)" if self.token == "anonymous" else ""
+        how = " (sent in the URL)" if self.url_auth else ""
+        return AuthError(f"server refused token {redact(self.token)}{how}: {reason}{hint}")
 
     # -- autonomy: connector tokens a provider manages ------------------------------------
     async def _register_connector(self, session: Session) -> None:
@@ -342,6 +429,20 @@ def _tls_failure(host: str, exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake with {host} failed: {exc.reason or exc}"
     return f"TLS handshake with {host} failed: {exc}"
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _note_failure(unit: str, exc: BaseException) -> None:
+    """What the network or the peer can do is logged by the caller; anything else is a bug,
+    reported with its traceback and counted (the client reconnects either way)."""
+    leaf = _leaf(exc)
+    if not isinstance(leaf, (*PEER_ERRORS, HandshakeError, ProtocolError, MessageError, AuthError)):
+        report(unit, leaf)
 
 
 def _describe(exc: BaseException) -> str:
