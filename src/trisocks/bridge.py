@@ -30,7 +30,8 @@ log = logging.getLogger("trisocks.bridge")
 
 class BridgeEnd:
     __slots__ = ("id", "session", "bridge", "partner", "target", "credit", "limit", "out",
-                 "unacked", "early", "state", "bytes_in", "_space", "_disconnect_after", "account")
+                 "unacked", "early", "state", "bytes_in", "_space", "_disconnect_after", "account",
+                 "window", "_eof_after")
 
     def __init__(self, session, channel_id: bytes, bridge: Bridge, target: str) -> None:
         self.id = channel_id
@@ -42,12 +43,14 @@ class BridgeEnd:
         self.limit = session.pending_limit
         self.out = bytearray()  # bytes from the partner's peer, waiting for credit
         self.unacked = 0  # bytes from our peer that left us, not yet acknowledged
+        self.window = session.recv_window  # what our peer may have in flight to us (flow.py)
         self.early = bytearray()  # bytes from our peer before the partner exists
         self.state = 0  # 0 open, 1 closed
         self.bytes_in = 0
         self.account = None
         self._space = ParkingLot()
         self._disconnect_after: str | None = None
+        self._eof_after = False  # an Eof to pass on once ``out`` is empty
 
     def __repr__(self) -> str:
         return f"<BridgeEnd {protocol.channel_str(self.id)[:8]} {self.target}>"
@@ -103,6 +106,11 @@ class BridgeEnd:
     def on_remote_disconnect(self, error: str) -> None:
         self.bridge.disconnect_from(self, error)
 
+    def on_remote_eof(self) -> None:
+        """Half-close from our peer: passed on when the other peer speaks it too; otherwise
+        the other side learns of the end with the Disconnect that follows."""
+        self.bridge.eof_from(self)
+
     def fail(self, error: str) -> None:
         self.bridge.fail(error)
 
@@ -151,18 +159,35 @@ class BridgeEnd:
             self._send(chunk)
         if not self.congested():
             self._space.unpark_all()
+        if not self.out and self._eof_after:
+            self._eof_after = False
+            self.session.send_if_open(protocol.Eof(self.id))
+            self.bridge.maybe_done()
         if not self.out and self._disconnect_after is not None:
             self.session.send_if_open(protocol.Disconnect(self.id, self._disconnect_after))
             self._disconnect_after = None
 
     def consumed(self, n: int) -> None:
         """Bytes our peer sent have been handed on: grant it more window."""
-        window = self.session.recv_window
+        window = self.window
         if window and not self.state:
             self.unacked += n
             if self.unacked >= window >> 2:
-                self.session.send_if_open(protocol.WindowUpdate(self.id, self.unacked))
+                grant = self.unacked
+                partner = self.partner
+                if partner is not None and not partner.out:  # the far side keeps up: grow
+                    extra = self.session.windows.grow(window)
+                    self.window = window + extra
+                    grant += extra
+                self.session.send_if_open(protocol.WindowUpdate(self.id, grant))
                 self.unacked = 0
+
+    def send_eof(self) -> None:
+        """Pass a half-close on to our peer after everything queued before it."""
+        if self.out:
+            self._eof_after = True
+        else:
+            self.session.send_if_open(protocol.Eof(self.id))
 
     def send_disconnect(self, error: str) -> None:
         """Forward a Disconnect to our peer once everything before it has gone out."""
@@ -175,6 +200,8 @@ class BridgeEnd:
         if self.state:
             return
         self.state = 1
+        if self.window > self.session.recv_window:
+            self.session.windows.release(self.window - self.session.recv_window)
         self.out.clear()
         self.early.clear()
         self._space.unpark_all()
@@ -189,6 +216,7 @@ class Bridge:
         self.provider: BridgeEnd | None = None
         self.target = target
         self._down: set[int] = set()  # ids of ends whose peer has sent Disconnect
+        self._eofs: set[int] = set()  # ids of ends whose peer has sent Eof (half-close)
         self._lingering = False
 
     def attach_provider(self, provider_session) -> BridgeEnd | None:
@@ -212,6 +240,30 @@ class Bridge:
         self.connector.session.send_if_open(protocol.ConnectResponse(msg.success, self.connector.id,
                                                                      msg.error))
         if not msg.success:
+            self._finish()
+
+    def eof_from(self, end: BridgeEnd) -> None:
+        """One peer's socket ended its direction: pass it on if the other peer speaks
+        half-close (else it learns of the end from the Disconnect that follows)."""
+        other = end.partner
+        if other is None:
+            return  # no provider yet: the channel ends with the connector's Disconnect
+        if other.state:
+            return
+        if other.session.half_close:
+            self._eofs.add(id(end))
+            other.send_eof()
+            self.maybe_done()
+        elif end is self.provider:
+            # the destination ended: a LinkSocks connector hears that as Disconnect
+            self.disconnect_from(end, "")
+        # else a SOCKS5 client half-closed and a LinkSocks provider cannot be told: the
+        # response still comes, and the channel ends with the provider's Disconnect
+
+    def maybe_done(self) -> None:
+        """Both directions ended with Eof and everything went out: the peers are done with
+        the channel without a Disconnect, and so are we."""
+        if len(self._eofs) == 2 and not any(e.out or e._eof_after for e in (self.connector, self.provider)):
             self._finish()
 
     def disconnect_from(self, end: BridgeEnd, error: str) -> None:

@@ -18,14 +18,26 @@ peers, which have no such message, a channel whose ``pending`` passes its
 limit makes the read loop wait (backpressure on the whole WebSocket) rather
 than buffer without end.
 
-Closing follows LinkSocks: whoever sees its socket end sends Disconnect; the
-other side flushes what it holds, closes its socket and answers with its own
-Disconnect, which ends the first side's short linger.
+Closing. Between trisocks peers that negotiated it, an EOF is a half-close: the
+side whose socket ended sends ``Eof``, the other flushes what it holds and shuts
+down its socket's sending direction, and the other direction goes on until its
+own EOF (``nc -N``, ``socat`` and some HTTP clients send the request, then EOF,
+then read the response). A channel whose two directions have both ended is
+done; an error (a reset, a refused write) ends both at once with Disconnect.
+
+With LinkSocks peers there is no half-close: whoever sees its socket end sends
+Disconnect; the other side flushes what it holds, closes its socket and answers
+with its own Disconnect, which ends the first side's short linger. When the
+destination ends (a close-delimited response), the Disconnect follows its last
+byte at once: one WebSocket keeps messages in order. When the SOCKS5 client
+ends its sending side first, the response may still be on its way, so the
+channel waits for the far end's Disconnect for as long as bytes keep arriving.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -47,7 +59,14 @@ log = logging.getLogger("trisocks.channel")
 # 1 MiB, headers included, hence 1023 KiB.
 CHUNK = 1023 << 10
 LINGER = 5.0  # how long a closing channel waits for the peer's Disconnect or for a slow reader
-EOF_GRACE_MIN, EOF_GRACE_MAX = 2.0, 60.0  # see Channel._eof_grace
+# A SOCKS5 client ended its sending side, and the peer cannot be told (no half-close): the
+# response may still come; give up once nothing has arrived for this long.
+EOF_IDLE = 5.0
+# pywssocks throws away what it still queues for its socket when Disconnect arrives, and has
+# no message to say it wrote it: after the destination's EOF, once the peer's kernel has every
+# byte, allow it time to write them at this (modest, for loopback) rate, up to EOF_DRAIN_MAX.
+PEER_DRAIN_RATE = 200e6
+EOF_DRAIN_MAX = 2.0
 DRAIN_STALL = 30.0  # a reader that takes nothing this long after its peer closed is given up
 # Held bytes at least this long stay views into the decoder's buffer rather than copies; the
 # floor keeps a 256 KiB buffer from being kept alive for a few bytes (at most 4x overhead).
@@ -93,7 +112,7 @@ class Channel:
         "id", "session", "sock", "state", "pending", "held", "credit", "limit", "error",
         "bytes_up", "bytes_down", "_unacked", "_lot", "_pump_scope",
         "_drain_scope", "_draining", "_drained", "_remote_done", "_response", "_response_ready",
-        "target", "account", "ingress",
+        "target", "account", "ingress", "window", "_eof_in",
     )
 
     def __init__(self, session: Session, channel_id: bytes, target: str = "") -> None:
@@ -108,6 +127,8 @@ class Channel:
         self.held = 0
         self.credit = session.peer_window or UNLIMITED
         self.limit = session.pending_limit
+        self.window = session.recv_window  # what the peer may have in flight to us (0: no flow control)
+        self._eof_in = False  # the peer's socket ended its direction (protocol.Eof)
         self.error = ""
         self.bytes_up = 0  # socket -> tunnel
         self.bytes_down = 0  # tunnel -> socket
@@ -163,6 +184,8 @@ class Channel:
             self.state = OPEN
         if self.pending:
             self._kick_drain()
+        elif self._eof_in:
+            self._end_output()
 
     # -- tunnel -> socket ------------------------------------------------------------
     def deliver(self, data, decoder=None) -> bool:
@@ -198,6 +221,10 @@ class Channel:
         return self.held > self.limit or self.session.pending_bytes > self.session.pending_max
 
     def _hold(self, data, decoder=None) -> None:
+        if self.window and self.held + len(data) > self.window:
+            # a trisocks peer never sends past the window we granted: this one breaks the rules
+            self.fail("peer exceeded the flow-control window")
+            return
         if decoder is not None and len(data) >= PIN_MIN:
             decoder.hold()  # keep the view: the decoder reads into another buffer next
             self.pending.append(data)
@@ -231,11 +258,16 @@ class Channel:
 
     def _consumed(self, n: int) -> None:
         self.bytes_down += n
-        window = self.session.recv_window
+        window = self.window
         if window:
             self._unacked += n
             if self._unacked >= window >> 2 and self.state in (OPEN, LOCAL_CLOSED):
-                self.session.send_if_open(protocol.WindowUpdate(self.id, self._unacked))
+                grant = self._unacked
+                if not self.held:  # the reader keeps up: let the sender go faster
+                    extra = self.session.windows.grow(window)
+                    self.window = window + extra
+                    grant += extra
+                self.session.send_if_open(protocol.WindowUpdate(self.id, grant))
                 self._unacked = 0
 
     def _kick_drain(self) -> None:
@@ -271,6 +303,8 @@ class Channel:
             if self._drained is not None:
                 self._drained.set()
             self._lot.unpark_all()
+        if self._eof_in and not self.pending:
+            self._end_output()
 
     def _write_failed(self, exc: OSError) -> None:
         """The local socket refused our bytes: the channel is over."""
@@ -347,6 +381,9 @@ class Channel:
             while True:
                 while self.credit <= 0:
                     await self._lot.park()
+                if outbox.queued_bytes > outbox.high_water:
+                    # the WebSocket is backed up: read no more (and hold no buffer) until it drains
+                    await outbox.wait_for_space()
                 item = pool.get()
                 try:
                     buf, view = item
@@ -379,21 +416,56 @@ class Channel:
                 error = (exc.strerror or str(exc)).lower()
             else:
                 error = "connection closed"
-        if (self.state in (OPENING, OPEN) and not error and self.bytes_up
-                and self.session.peer_window is None):
-            # A peer without flow control may still be holding what we sent, and some
-            # (pywssocks) throw that away when Disconnect arrives. Our socket ended cleanly,
-            # so let the other end finish first: its own Disconnect cancels this wait.
-            with trio.move_on_after(self._eof_grace()):
-                await self._remote_done.wait()
+        if self.state in (OPENING, OPEN) and not error:
+            if self.session.half_close:
+                self.session.send_if_open(protocol.Eof(cid))
+                await self._remote_done.wait()  # the other direction: the peer's Eof or Disconnect
+                if self.state == OPEN:  # both directions ended: done, nothing more to say
+                    self.state = LOCAL_CLOSED
+                return
+            if self.ingress:
+                await self._await_response()
+            elif self.bytes_up:
+                await self._let_peer_write()
         if self.state in (OPENING, OPEN):
             self.state = LOCAL_CLOSED
             self.session.send_if_open(protocol.Disconnect(cid, error))
 
-    def _eof_grace(self) -> float:
-        """How long a clean EOF waits for a flow-control-less peer: room for it to write
-        out what we sent at a modest 8 MB/s, between 2 and 60 seconds."""
-        return min(EOF_GRACE_MAX, max(EOF_GRACE_MIN, self.bytes_up / 8e6))
+    async def _await_response(self) -> None:
+        """The SOCKS5 client ended its sending side and the peer has no half-close: wait for
+        the far end's Disconnect while the response keeps coming (each byte restarts the
+        clock), so a request sent with EOF still gets its whole response."""
+        while True:
+            seen = self.bytes_down + self.held
+            with trio.move_on_after(EOF_IDLE):
+                await self._remote_done.wait()
+                return
+            if self.bytes_down + self.held == seen:
+                return
+
+    async def _let_peer_write(self) -> None:
+        """The destination ended and the peer has no half-close: the Disconnect goes out once
+        the peer has had our bytes long enough to write them (its own Disconnect ends the wait)."""
+        session = self.session
+        with trio.move_on_after(LINGER + EOF_DRAIN_MAX):
+            await session.wait_sent()
+            with trio.move_on_after(min(EOF_DRAIN_MAX, self.bytes_up / PEER_DRAIN_RATE)):
+                await self._remote_done.wait()
+
+    def on_remote_eof(self) -> None:
+        """The peer's socket ended its direction: once what came before reached our socket,
+        end our socket's sending direction too (half-close)."""
+        if self.state in (OPENING, OPEN) and not self._eof_in:
+            self._eof_in = True
+            if not self.pending and self.sock is not None:
+                self._end_output()
+
+    def _end_output(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._remote_done.set()  # this direction is over; the pump ends the channel with its own EOF
 
     # -- closing ----------------------------------------------------------------
     def on_remote_disconnect(self, error: str) -> None:
@@ -426,6 +498,8 @@ class Channel:
         if self.state == CLOSED:
             return
         self.state = CLOSED
+        if self.window > self.session.recv_window:
+            self.session.windows.release(self.window - self.session.recv_window)
         if self._drain_scope is not None:
             self._drain_scope.cancel()
         self._drop_pending()

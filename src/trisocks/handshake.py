@@ -24,6 +24,7 @@ import trio
 from wsproto.utilities import generate_accept_token
 
 from ._version import __version__
+from .flow import initial_window
 
 MAX_HEAD = 16 << 10
 FLOW_HEADER = "x-trisocks-flow"
@@ -162,7 +163,7 @@ def accept_websocket(req: Request, *, window: int | None) -> tuple[bytes, int | 
     peer_window = parse_window(req.headers.get(FLOW_HEADER))
     if peer_window and window:
         eof = ", eof=1" if offers_eof(req.headers.get(FLOW_HEADER)) else ""
-        headers.append(("X-Trisocks-Flow", f"window={window}{eof}"))
+        headers.append(("X-Trisocks-Flow", f"window={initial_window(window)}{eof}"))
     else:
         peer_window = None
     lines = ["HTTP/1.1 101 Switching Protocols"] + [f"{k}: {v}" for k, v in headers]
@@ -199,7 +200,7 @@ def client_headers(host_header: str, *, window: int | None, extra=()) -> tuple[l
         ("User-Agent", f"trisocks/{__version__}"),
     ]
     if window:
-        headers.append(("X-Trisocks-Flow", f"window={window}, eof=1"))
+        headers.append(("X-Trisocks-Flow", f"window={initial_window(window)}, eof=1"))
     headers += list(extra)
     return headers, key
 

@@ -12,7 +12,9 @@ Two ways in:
 * :meth:`Outbox.send_borrowed` for a frame that lives in the caller's reusable
   buffer. It returns once the kernel has the bytes, so the buffer can be
   refilled: this is the zero-copy data path, and also the backpressure (a
-  channel has at most one frame in flight).
+  channel has at most one frame in flight). A small frame that has to wait is
+  copied instead, so a waiting frame never pins a buffer much larger than
+  itself (1000 channels with a few bytes each must not hold 1000 MiB buffers).
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from .transport import IOV_MAX
+
+# A borrowed frame up to this size that cannot go out at once is copied and the caller's
+# buffer released: what waits then costs at most 1 MiB / 128 KiB = 8x its size in buffers.
+COPY_MAX = 128 << 10
 
 
 class Outbox:
@@ -59,19 +65,33 @@ class Outbox:
             self._fail(exc)
             raise trio.ClosedResourceError("WebSocket is closed") from exc
 
-    def send_nowait(self, frame: bytes) -> None:
-        """Queue a frame the outbox may keep (it is not reused by the caller)."""
+    def send_nowait(self, frame: bytes) -> list | None:
+        """Queue a frame the outbox may keep (it is not reused by the caller).
+
+        Returns the queue entry while the frame waits (see :meth:`replace`), None if it went out."""
         self._check()
         if not self._queue:
             n = self._try_send(frame)
             if n == len(frame):
                 self.sent_frames += 1
-                return
+                return None
             if n:
                 frame = memoryview(frame)[n:]
-        self._queue.append([frame, None])
+        item = [frame, None]
+        self._queue.append(item)
         self._queued += len(frame)
         self._work.unpark()
+        return item
+
+    def replace(self, item: list, frame: bytes) -> bool:
+        """Put ``frame`` in place of a queued frame not yet started; False if it is gone or
+        partly sent (``item`` is what :meth:`send_nowait` returned)."""
+        old = item[0]
+        if self._closed or type(old) is not bytes:  # sent (None) or partly sent (a view)
+            return False
+        self._queued += len(frame) - len(old)
+        item[0] = frame
+        return True
 
     async def send_borrowed(self, frame) -> None:
         """Send a frame from a buffer the caller will reuse; return when the kernel has it."""
@@ -82,6 +102,11 @@ class Outbox:
                 self.sent_frames += 1
                 return
             frame = frame[n:]
+        if len(frame) <= COPY_MAX:
+            self._queue.append([bytes(frame), None])
+            self._queued += len(frame)
+            self._work.unpark()
+            return
         done = trio.Event()
         item = [frame, done]
         self._queue.append(item)
@@ -126,6 +151,7 @@ class Outbox:
                             item[0] = memoryview(item[0])[n:]
                         break
                     queue.popleft()
+                    item[0] = None  # sent: replace() must not touch it
                     n -= size
                     self.sent_frames += 1
                     if item[1] is not None:

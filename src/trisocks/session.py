@@ -23,20 +23,26 @@ from trio.lowlevel import ParkingLot
 from . import codec, protocol
 from .channel import CLOSED, OPEN, OPENING, Channel
 from .errors import MessageError, ProtocolError
-from .guard import contained
+from .flow import MAX_WINDOW, WindowBudget, initial_window
+from .guard import contained, report
 from .outbox import Outbox
 
 log = logging.getLogger("trisocks.session")
 TRACE = 5  # below DEBUG: every message (-dd)
 
-# Per-channel credit we grant trisocks peers. It must cover what loopback-fast sockets hold
-# in flight between two processes (send buffer + receive buffer, several MiB each way):
-# 4 MiB left a bulk transfer waiting on credit; 16 MiB runs at socket speed (see
-# docs/performance.md). It is also the most a stalled reader makes us hold for its channel.
-DEFAULT_WINDOW = 16 << 20
+# The most per-channel credit we grant trisocks peers (see flow.py). It must cover what
+# loopback-fast sockets hold in flight between two processes (send buffer + receive buffer,
+# several MiB each way): 4 MiB left a bulk transfer waiting on credit; 16 MiB runs at socket
+# speed (see docs/performance.md).
+DEFAULT_WINDOW = MAX_WINDOW
+# With LinkSocks peers (no flow control) the only brake is to stop reading the WebSocket:
 DEFAULT_PENDING = 2 << 20  # per-channel backlog before a LinkSocks peer's reader is paused
 SESSION_PENDING = 64 << 20  # all channels of a session together: past it, the read loop waits
 MAX_CHANNELS = 10000  # channels one peer may have open on a session at once
+# Frames waiting for a peer that does not read: honest peers stay far below (data frames are
+# bounded by the outbox's high-water mark, control frames are small), so past this the peer
+# is not reading and the session is closed rather than queueing without end.
+OUTBOX_MAX = 32 << 20
 RECV_BUFFER = 256 << 10  # what the decoder reads at a time (1 MiB measured no better)
 STALL_TIMEOUT = 30.0  # a channel that pauses the whole WebSocket this long is closed
 
@@ -73,6 +79,7 @@ class Session:
         recv_window: int = 0,
         ping_interval: float = 30.0,
         idle_timeout: float = 90.0,
+        half_close: bool = False,
     ) -> None:
         self.transport = transport
         self.decoder = decoder
@@ -82,14 +89,24 @@ class Session:
         self.outbox = Outbox(transport)
         self.channels: dict[bytes, Channel] = {}
         # Flow control: peer_window is the credit the peer grants us per channel
-        # (None: the peer does not speak it); recv_window is what we grant.
+        # (None: the peer does not speak it); recv_window is what we grant a new channel
+        # (the window advertised in the handshake), growing up to the configured maximum.
         self.peer_window = peer_window
-        self.recv_window = recv_window if peer_window else 0
-        self.pending_limit = max(self.recv_window, DEFAULT_PENDING)
-        # bytes held for slow local sockets, all channels together (a backstop for many
-        # stalled readers at once; one alone is bounded by its own limit)
+        self.recv_window = initial_window(recv_window) if peer_window else 0
+        self.windows = WindowBudget(recv_window or MAX_WINDOW)
+        # Half-close (protocol.Eof): negotiated in the handshake, only with flow control.
+        self.half_close = bool(half_close and peer_window)
+        # bytes held for slow local sockets, all channels together
         self.pending_bytes = 0
-        self.pending_max = SESSION_PENDING
+        if self.recv_window:
+            # a trisocks peer never sends past the window we granted: what a channel holds is
+            # bounded by it, and the read loop never has to wait for one slow reader
+            self.pending_limit = self.pending_max = 1 << 62
+        else:
+            # a LinkSocks peer: past these the read loop waits (a backstop for many stalled
+            # readers at once; one alone is bounded by its own limit)
+            self.pending_limit = DEFAULT_PENDING
+            self.pending_max = SESSION_PENDING
         self._pending_space = ParkingLot()
         self.ping_interval = ping_interval
         self.idle_timeout = idle_timeout
@@ -110,6 +127,9 @@ class Session:
         self.channels_total = 0
         self.trace = log.isEnabledFor(TRACE)  # decided once: the data path never asks the logger
         self.max_channels = MAX_CHANNELS
+        # channels of every session of one token together (set by the server), and of the process
+        self.group: ChannelGroup | None = None
+        self._pong: list | None = None  # the pong still waiting in the outbox, if any
 
     def __str__(self) -> str:
         return self.name
@@ -123,12 +143,36 @@ class Session:
         if self.trace:
             log.log(TRACE, "%s: send %s", self, _summary(msg))
         self.outbox.send_nowait(codec.encode_frame(codec.OP_BINARY, protocol.pack(msg), self.mask_key()))
+        if self.outbox.queued_bytes > OUTBOX_MAX:
+            self._not_reading()
+
+    def _not_reading(self) -> None:
+        log.warning("%s: peer does not read (%d MiB waiting for it), closing", self,
+                    self.outbox.queued_bytes >> 20)
+        self.close(1008, "peer does not read")
+
+    def _answer_ping(self, payload: bytes) -> None:
+        """A pong; while an earlier one still waits in the outbox, that one is replaced, so a
+        peer that pings without reading costs one pong (RFC 6455 5.5.3: answering the latest
+        ping is enough)."""
+        frame = codec.encode_frame(codec.OP_PONG, payload, self.mask_key())
+        if self._pong is not None and self.outbox.replace(self._pong, frame):
+            return
+        self._pong = self.outbox.send_nowait(frame)
 
     def send_if_open(self, msg) -> None:
         try:
             self.send(msg)
         except trio.ClosedResourceError:
             pass
+
+    async def wait_sent(self) -> None:
+        """Until everything queued so far has left the outbox and the kernel's send queue
+        (the peer's kernel acknowledged it), or the session closed."""
+        await self.outbox.flush()
+        unsent = getattr(self.transport, "unsent", None)
+        while unsent is not None and unsent() > 0 and not self.close_reason:
+            await trio.sleep(0.01)  # the kernel has no event for "acknowledged": look again
 
     def ping(self) -> None:
         if self._ping_sent_at is None:  # an unanswered ping keeps its time: that is the liveness test
@@ -163,6 +207,9 @@ class Session:
         when the channel is forgotten, with its final byte counts."""
         self.channels[ch.id] = ch
         self.channels_total += 1
+        PROCESS.open += 1
+        if self.group is not None:
+            self.group.open += 1
         ch.account = account if account is not None else self.account
         if ch.account is not None:
             ch.account.opened(ch)
@@ -170,6 +217,9 @@ class Session:
     def forget(self, ch) -> None:
         if self.channels.get(ch.id) is ch:
             del self.channels[ch.id]
+            PROCESS.open -= 1
+            if self.group is not None:
+                self.group.open -= 1
             if ch.account is not None:
                 ch.account.closed(ch)
 
@@ -178,6 +228,11 @@ class Session:
         account over quota, expired...), or None."""
         if len(self.channels) >= self.max_channels:
             return "too many channels"
+        if self.group is not None and self.group.open >= self.group.limit:
+            return "too many channels for this token"
+        if PROCESS.open >= PROCESS.limit():
+            # keep file descriptors for accepting and authenticating everyone else
+            return "server out of connections"
         account = account if account is not None else self.account
         return account.refuse_reason() if account is not None else None
 
@@ -270,8 +325,12 @@ class Session:
                             protocol.channel_str(dec.channel)[:8], len(dec.data))
                 if ch is None:
                     self.unknown_data += 1
-                elif ch.deliver(dec.data, dec):
-                    await self._wait_space(ch)
+                else:
+                    try:
+                        if ch.deliver(dec.data, dec):
+                            await self._wait_space(ch)
+                    except Exception as exc:  # a bug in one channel must not end the session
+                        self._channel_broke(ch, exc)
                 continue
             if ev == NEED_DATA:
                 n = await recv_into(dec.get_buffer())
@@ -283,9 +342,14 @@ class Session:
                 self.last_seen = trio.current_time()
                 continue
             if ev == codec.MESSAGE:
-                await self._on_message(dec.data)
+                try:
+                    await self._on_message(dec.data)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    raise  # our own WebSocket is closing
+                except Exception as exc:  # a bug handling one message must not end the session
+                    report(f"a message on {self}", exc)
             elif ev == codec.PING:
-                self.outbox.send_nowait(codec.encode_frame(codec.OP_PONG, dec.data, self.mask_key()))
+                self._answer_ping(dec.data)
             elif ev == codec.PONG:
                 if self._ping_sent_at is not None:
                     self.rtt = trio.current_time() - self._ping_sent_at
@@ -303,6 +367,13 @@ class Session:
                 if ch is not None:
                     log.warning("%s: truncated Data message, closing %r", self, ch)
                     ch.fail("truncated data message")
+
+    def _channel_broke(self, ch, exc: Exception) -> None:
+        report(f"{ch!r} on {self}", exc)
+        try:
+            ch.fail("internal error")
+        except Exception:
+            ch.abort()
 
     async def _wait_space(self, ch: Channel) -> None:
         with trio.move_on_after(STALL_TIMEOUT) as scope:
@@ -341,6 +412,11 @@ class Session:
             ch = self.channels.get(msg.channel)
             if ch is not None:
                 ch.add_credit(msg.credit)
+        elif kind is protocol.Eof:
+            ch = self.channels.get(msg.channel)
+            on_eof = getattr(ch, "on_remote_eof", None)
+            if on_eof is not None:
+                on_eof()
         elif kind is protocol.Connect:
             if msg.channel in self.channels:
                 log.warning("%s: Connect for a channel id already in use ignored", self)
@@ -366,6 +442,40 @@ class Session:
             # Auth/AuthResponse after authentication (pywssocks sends Auth even when
             # its URL already authenticated it), Direct* signalling, unknown types.
             log.debug("%s: %s message ignored", self, kind.__name__)
+
+
+class ChannelGroup:
+    """Open channels of all sessions of one token (or user), against a limit."""
+
+    __slots__ = ("open", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.open = 0
+        self.limit = limit
+
+
+class _Process:
+    """Open channels of this process, against what its file-descriptor limit allows once a
+    reserve is kept for accepting and authenticating connections (each channel holds a socket)."""
+
+    __slots__ = ("open", "_limit")
+
+    def __init__(self) -> None:
+        self.open = 0
+        self._limit = 0
+
+    def limit(self) -> int:
+        if not self._limit:  # read late: the CLI raises the soft limit at start
+            import resource
+
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            if soft == resource.RLIM_INFINITY:
+                soft = 1 << 20
+            self._limit = max(16, soft - max(64, soft // 10))
+        return self._limit
+
+
+PROCESS = _Process()
 
 
 async def read_message(transport, decoder, *, timeout: float, client_side: bool) -> bytes:

@@ -18,7 +18,10 @@ lists.
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
+import struct
+import termios
 
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
@@ -31,6 +34,7 @@ CLOSED_ERRNOS = frozenset(
      errno.EBADF, errno.ETIMEDOUT}
 )
 IOV_MAX = 64  # frames coalesced into one sendmsg
+_U32 = struct.Struct("I")
 
 
 def tune_socket(sock: socket.socket) -> None:
@@ -121,6 +125,13 @@ class SocketTransport:
 
     async def send_all(self, data) -> None:
         await sock_sendall(self.sock, data)
+
+    def unsent(self) -> int:
+        """Bytes in the kernel's send queue not yet acknowledged by the peer (0 if unknown)."""
+        try:
+            return _U32.unpack(fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            return 0
 
     async def aclose(self) -> None:
         close_socket(self.sock)
