@@ -36,7 +36,7 @@ from .dial import dial_tcp
 from .egress import Egress
 from .errors import AuthError, MessageError, TunnelError
 from .guard import PEER_ERRORS, report
-from .handshake import HandshakeError, client_handshake, parse_window
+from .handshake import HandshakeError, client_handshake, offers_eof, parse_window
 from .ingress import Ingress
 from .pool import SessionPool
 from .session import DEFAULT_WINDOW, RECV_BUFFER, Handler, Session, read_message
@@ -358,6 +358,7 @@ class Client:
                 transport, decoder, client_side=True, handler=self.handler,
                 name=f"server {ep.display}", peer_window=parse_window(headers.get("x-trisocks-flow")),
                 recv_window=cfg.window, ping_interval=cfg.ping_interval, idle_timeout=cfg.idle_timeout,
+                half_close=offers_eof(headers.get("x-trisocks-flow")),
             )
             if not self.url_auth:
                 auth = protocol.Auth(self.token, cfg.reverse, self.instance)
