@@ -139,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
          help="PEM certificate (chain) file: serve wss:// and https:// on the WebSocket port")
     _add(s, "--tls-key", env="TLS_KEY", default="",
          help="PEM private key file for --tls-cert (if not inside the certificate file)")
+    _add_list(s, "--trusted-proxy", env="TRUSTED_PROXY", metavar="CIDR",
+              help="a reverse proxy in front of the server (address or CIDR, repeatable): for "
+              "connections from it the client's address is the rightmost X-Forwarded-For entry "
+              "that is not a trusted proxy, for auth throttling, connection limits and logs")
+    _add(s, "--max-unauthenticated", env="MAX_UNAUTHENTICATED", default=1024, type=int,
+         help="connections that have not authenticated yet, in all; more get HTTP 503")
+    _add(s, "--max-unauthenticated-per-address", env="MAX_UNAUTHENTICATED_PER_ADDRESS",
+         default=64, type=int,
+         help="connections not authenticated yet per client address (IPv6: per /64); more get 503")
+    _add(s, "--max-sessions-per-token", env="MAX_SESSIONS_PER_TOKEN", default=64, type=int,
+         help="concurrent WebSocket sessions of one token or user key; more are refused at Auth")
     m = s.add_argument_group(
         "management API and state (docs/api.md)",
         "With -k the REST API (tokens, users with quotas, stats, events, /healthz, /metrics)\n"
@@ -374,7 +385,11 @@ def cmd_server(args) -> int:
     config = ServerConfig(ws_host=args.ws_host, ws_port=args.ws_port,
                           connect_timeout=args.connect_timeout, socks_host=args.socks_host,
                           socks_nowait=args.socks_nowait, fast_open=args.fast_open,
-                          tls_cert=args.tls_cert, tls_key=args.tls_key, dialer=dialer)
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, dialer=dialer,
+                          trusted_proxies=tuple(args.trusted_proxy),
+                          max_unauthenticated=args.max_unauthenticated,
+                          max_unauthenticated_per_source=args.max_unauthenticated_per_address,
+                          max_sessions_per_token=args.max_sessions_per_token)
     try:
         server = (management.create_server(config) if management is not None
                   else Server(config, tokens))

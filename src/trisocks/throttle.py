@@ -75,3 +75,23 @@ class FailureLimiter:
 
     def succeeded(self, address: str) -> None:
         """Kept for callers; deliberately forgets nothing (failures decay with time only)."""
+
+
+class TokenBucket:
+    """``burst`` actions at once, then ``rate`` per second: ``take()`` says whether one may go."""
+
+    def __init__(self, burst: int, rate: float, clock=time.monotonic) -> None:
+        self.burst = burst
+        self.rate = rate
+        self.clock = clock
+        self._level = float(burst)
+        self._at = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self._level = min(self.burst, self._level + (now - self._at) * self.rate)
+        self._at = now
+        if self._level < 1:
+            return False
+        self._level -= 1
+        return True
