@@ -49,6 +49,12 @@ test: build tools
 bench: build
 	$(PY) benchmarks/run.py $(ARGS)
 
+# pywssocks 1.5.1's own tests/test_cli.py (from its sdist) with trisocks as server, client
+# and both; writes conformance-report.md (scripts/conformance/run.py says more).
+.PHONY: conformance
+conformance: build
+	$(PY) scripts/conformance/run.py $(ARGS)
+
 lint: build
 	$(PY) -m pip install --quiet ruff
 	$(BIN)/ruff check src tests benchmarks scripts
