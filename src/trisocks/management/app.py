@@ -12,28 +12,32 @@ Who may call what:
 ``user``    anyone holding a user's access key, which is in the path (``/api/subscribe``)
 ``key``     the management API key, from a loopback address unless --api-allow-remote
 
-Failed keys (API or user) count against the caller's address; past the limit it gets
-429 with ``Retry-After`` (keys.FailureLimiter).
+Failed keys (API or user) count against the caller's address (:func:`caller_address`);
+past the limit it gets 429 with ``Retry-After`` (keys.FailureLimiter). Each failure is
+logged as a warning with that address, and a lock-out once when it starts.
+
+A handler that raises something unexpected answers 500 for that request only; the error
+is logged with its traceback and counted in ``trisocks_internal_errors_total`` (guard).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import msgspec
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .. import guard
 from .._version import __version__
 from . import schemas
+from .dates import RANGE, in_range
 from .keys import presented_keys
-
-log = logging.getLogger("trisocks.management.api")
 
 MAX_BODY = 1 << 20
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
@@ -142,7 +146,7 @@ def decode_body(op: Operation, data: bytes):
         else:
             raise ApiError(400, op.body_error)
     try:
-        return msgspec.json.decode(data, type=op.body)
+        return check_dates(msgspec.json.decode(data, type=op.body))
     except msgspec.ValidationError as exc:
         message = str(exc)
         if op.body_error != "invalid request body" and "Expected `object`" in message:
@@ -156,55 +160,72 @@ def decode_query(op: Operation, args) -> object:
     known = set(op.query.__struct_fields__)
     raw = {k: v for k, v in args.items() if k in known}
     try:
-        return msgspec.convert(raw, op.query, strict=False)
+        return check_dates(msgspec.convert(raw, op.query, strict=False))
     except msgspec.ValidationError as exc:
         message = str(exc)
         raise ApiError(422, message, field=_validation_field(message)) from None
+
+
+def check_dates(obj):
+    """422 for a date outside the range every date must be in (msgspec's Meta has no
+    bounds for datetimes); the message reads like msgspec's own."""
+    for name in obj.__struct_fields__:
+        value = getattr(obj, name)
+        if isinstance(value, datetime) and not in_range(value):
+            raise ApiError(422, f"Expected a date-time {RANGE} - at `$.{name}`", field=name)
+    return obj
 
 
 # -- who is calling ----------------------------------------------------------------------------------
 
 
 def client_host() -> str:
+    """The transport peer's address (IPv4-mapped IPv6 as IPv4, without an IPv6 zone)."""
     client = request.scope.get("client")
-    return str(client[0]) if client else ""
+    host = str(client[0]).split("%")[0] if client else ""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)  # else every IPv4 client of a dual-stack port is one /64
+    return str(addr)
+
+
+def caller_address(plane) -> str:
+    """The address failed keys are counted against and logged with: the peer, or what the
+    plane's ``resolve_client`` hook makes of it (--trusted-proxy: a forwarded address)."""
+    peer = client_host()
+    resolve = getattr(plane, "resolve_client", None)
+    return resolve(peer, request.headers) if resolve is not None else peer
 
 
 def is_local_request() -> bool:
     """From a loopback address, and not relayed by a proxy on this machine."""
     if any(h in request.headers for h in FORWARDING_HEADERS):
         return False
-    host = client_host()
     try:
-        addr = ipaddress.ip_address(host.split("%")[0])
+        return ipaddress.ip_address(client_host()).is_loopback
     except ValueError:
         return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
 
 
 async def check_api_key(plane) -> None:
     """Raise ApiError 403/429/401 unless the caller may use the management API."""
     if not plane.allow_remote and not is_local_request():
         raise ApiError(403, "remote management disabled")
-    address = client_host()
-    wait = plane.limiter.retry_after(address)
-    if wait:
-        plane.note_rate_limited(address)
-        raise ApiError(429, "too many failed attempts; retry later",
-                       headers={"Retry-After": str(wait)})
+    address = check_rate(plane)
     for candidate in presented_keys(request.headers):
         if await plane.api_key.verify(candidate):
             plane.limiter.succeeded(address)
             return
-    plane.limiter.failed(address)
-    plane.note_api_auth_failure(address)
+    plane.note_api_auth_failure(address)  # counts it against the address, and logs it
     raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": 'Bearer realm="trisocks"'})
 
 
 def check_rate(plane) -> str:
-    address = client_host()
+    """The caller's address, or ApiError 429 while it is locked out."""
+    address = caller_address(plane)
     wait = plane.limiter.retry_after(address)
     if wait:
         plane.note_rate_limited(address)
@@ -235,16 +256,16 @@ def _wrap(plane, op: Operation):
             if op.body is not None:
                 body = decode_body(op, await request.get_data(cache=False))
             query = decode_query(op, request.args) if op.query is not None else None
-            call = Call(plane, body, query, params, request.headers, client_host(),
+            call = Call(plane, body, query, params, request.headers, caller_address(plane),
                         request.scheme, request.headers.get("host", ""))
             result = await op.handler(call)
         except ApiError as exc:
             return error_response(exc)
         except HTTPException:
             raise
-        except Exception:
-            # the path is not logged: it may hold a token or a user's key
-            log.exception("internal error in %s %s", op.method, op.path)
+        except Exception as exc:
+            # the path template, not the path: the path may hold a token or a user's key
+            guard.report(f"API request {op.method} {op.path}", exc)
             return json_response(schemas.Error(error="internal error"), 500)
         if isinstance(result, Response):
             return result
@@ -266,7 +287,7 @@ def create_app(plane) -> QuartTrio:
 
     app = QuartTrio("trisocks.management")
     # Quart's own report names the request path, which may hold a token or a user's key
-    app.log_exception = lambda exc_info: log.error("internal error", exc_info=exc_info)
+    app.log_exception = lambda exc_info: guard.report("API request", exc_info[1])
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, BODY_TIMEOUT=30, RESPONSE_TIMEOUT=60,
                       PROVIDE_AUTOMATIC_OPTIONS=True)
     for op in OPERATIONS:
@@ -293,7 +314,7 @@ def create_app(plane) -> QuartTrio:
 
     @app.errorhandler(Exception)
     async def crash(exc: Exception):
-        log.error("internal error: %r", type(exc).__name__)
+        guard.report("API request", exc)
         return json_response(schemas.Error(error="internal error"), 500)
 
     return app

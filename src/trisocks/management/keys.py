@@ -22,6 +22,7 @@ import hmac
 import re
 import secrets
 import sys
+import time
 
 import bcrypt
 import trio
@@ -155,6 +156,31 @@ def hash_key(key: str, scheme: str = "scrypt") -> str:
                            maxmem=_SCRYPT_MAXMEM, dklen=32)
         return f"scrypt:{SCRYPT_N}:{SCRYPT_R}:{SCRYPT_P}:{salt.hex()}:{h.hex()}"
     raise ValueError(f"unknown scheme {scheme!r} (sha256, pbkdf2, scrypt or bcrypt)")
+
+
+class LogBudget:
+    """At most ``lines`` log lines per ``period`` seconds (failed keys: one line per attempt,
+    but attempts from many addresses must not flood the log)."""
+
+    def __init__(self, lines: int = 60, period: float = 60.0, clock=time.monotonic) -> None:
+        self.lines = lines
+        self.period = period
+        self.clock = clock
+        self._start = clock()
+        self._used = 0
+        self._dropped = 0
+
+    def take(self) -> int | None:
+        """None: do not log this one. Else log it, with how many were dropped before it."""
+        now = self.clock()
+        if now - self._start >= self.period:
+            self._start, self._used = now, 0
+        if self._used >= self.lines:
+            self._dropped += 1
+            return None
+        self._used += 1
+        dropped, self._dropped = self._dropped, 0
+        return dropped
 
 
 def presented_keys(headers) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .. import IMPLEMENTATION
+from .. import IMPLEMENTATION, guard
 from .._version import __version__
 from ..tokens import digest
 from .model import TokenMeter
@@ -128,4 +128,7 @@ def render(plane) -> str:
              [({}, plane.flushes)])
     w.family("trisocks_store_flush_failures", "counter", "Failed counter flushes.",
              [({}, plane.flush_failures)])
+    w.family("trisocks_internal_errors", "counter",
+             "Unexpected errors; each ended one connection, channel or API request, not the process.",
+             [({}, guard.Stats.internal_errors)])
     return w.text()

@@ -65,7 +65,10 @@ class Meter:
         self.rate_up = 0.0
         self.rate_down = 0.0
         self._sample: tuple[float, int, int] | None = None
-        self.flushed: tuple | None = None  # the counters last written to the store
+        # what the store holds for this owner as far as we know (up, down, connections,
+        # last_seen): what a meter starts with came from the store, or is zero in a new row.
+        # The flusher writes the growth since then, as increments.
+        self.flushed: tuple = (bytes_up, bytes_down, total_connections, last_seen)
 
     # -- the data path's interface (keep charge tiny: it runs for every read) ---------------
     def charge(self, n: int) -> bool:

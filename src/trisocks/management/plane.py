@@ -19,23 +19,25 @@ channel of an over-quota user left open.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import signal
 import time
 from collections import Counter
-from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import trio
 
+from .. import guard
 from .._version import __version__
 from ..socks_server import Credentials
 from ..tokens import CONNECTOR, FORWARD, RESERVED, REVERSE, TokenInfo, generate, redact
 from ..transport import bind_tcp
 from . import schemas as s
 from .app import ApiError
+from .dates import rfc3339
 from .events import EventLog
-from .keys import ApiKey, FailureLimiter
+from .keys import ApiKey, FailureLimiter, LogBudget
 from .model import (
     DISABLED,
     REASON_DISABLED,
@@ -47,20 +49,29 @@ from .model import (
     TokenMeter,
     UserAccount,
 )
-from .store import Counters, Snapshot, Store, StoreError, TokenRecord, UserRecord
+from .store import Counters, Snapshot, Store, StoreError, StoreInUse, TokenRecord, UserRecord
 
 log = logging.getLogger("trisocks.management")
 
 ENFORCE_INTERVAL = 0.5
 DEFAULT_SOCKS_PORT = 9870
-
-
-def rfc3339(t: float | None) -> datetime | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC)
+# a Host header fit for a URL: a name or IPv4 address, or a bracketed IPv6 one, and a port
+_HOST_HEADER = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 
 
 def new_user_key() -> str:
     return generate(24)  # 32 characters, 192 bits
+
+
+def _usable_host(host: str) -> str:
+    """The Host header if it can go into a URL; else "" (the bound address is used)."""
+    if not _HOST_HEADER.fullmatch(host):
+        return ""
+    try:
+        port = urlsplit(f"//{host}").port  # a port over 65535 or a bad IPv6 address raise
+    except ValueError:
+        return ""
+    return host if port != 0 else ""
 
 
 class Management:
@@ -92,6 +103,11 @@ class Management:
         self._moved: list[tuple[TokenInfo, int | None]] = []
         self._asgi = None
         self._app = None
+        # (peer address, request headers) -> the caller's address. None: the peer itself.
+        # The hook for --trusted-proxy: the server sets it to read X-Forwarded-For or PROXY
+        # protocol from trusted proxies; failed keys are counted and logged per its answer.
+        self.resolve_client = None
+        self._auth_log = LogBudget()
 
     # -- wiring --------------------------------------------------------------------------------
     @property
@@ -118,7 +134,15 @@ class Management:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Restore, then serve until cancelled; a last flush on the way out."""
         assert self.server is not None, "create_server() first"
-        snapshot = await self.store.open()
+        try:
+            snapshot = await self.store.open()
+        except StoreInUse as exc:
+            if not self.handle_signals:
+                raise
+            # this plane is the process (the command line): a configuration error, which
+            # exits 2 before anything starts, in one line
+            log.error("%s", exc)
+            raise SystemExit(2) from None
         try:
             await self._restore(snapshot)
             async with trio.open_nursery() as nursery:
@@ -188,6 +212,7 @@ class Management:
                     m.used = rec.bytes_up + rec.bytes_down
                     m.total_connections = rec.total_connections
                     m.created_at = rec.created_at
+                    m.flushed = (rec.bytes_up, rec.bytes_down, rec.total_connections, None)
                 continue
             if rec.origin != "api":
                 continue  # a command-line token no longer given: its row waits for its return
@@ -298,6 +323,20 @@ class Management:
 
     def note_api_auth_failure(self, address: str) -> None:
         self.events.add("api_auth_failure", peer=address)
+        self.note_failed_key(address, "a wrong or missing API key")
+
+    def note_failed_key(self, address: str, what: str) -> None:
+        """Count a failed key against ``address`` and log it: a warning per attempt (at most
+        LogBudget's rate, so a flood from many addresses cannot flood the log), and once
+        when the address's lock-out starts (it was not locked out, or it would have had 429)."""
+        self.limiter.failed(address)
+        dropped = self._auth_log.take()
+        if dropped is not None:
+            more = f" ({dropped} more not logged)" if dropped else ""
+            log.warning("API: %s from %s%s", what, address, more)
+        wait = self.limiter.retry_after(address)
+        if wait:
+            log.warning("API: %s is locked out for %d s after repeated failed keys", address, wait)
 
     def note_rate_limited(self, address: str) -> None:
         self.events.add("api_rate_limited", peer=address)
@@ -316,61 +355,55 @@ class Management:
             await trio.sleep(self.flush_interval)
             await self._flush()
 
-    def _collect(self, now: float) -> list[Counters]:
-        out = []
+    @staticmethod
+    def _growth(meter: Meter, owner: str, ident: str, state: tuple, out: list) -> None:
+        """Note what ``meter`` grew by since the store last heard of it."""
+        base = meter.flushed
+        if state == base:
+            return
+        out.append((meter, state, Counters(
+            owner=owner, ident=ident, bytes_up=state[0] - base[0], bytes_down=state[1] - base[1],
+            total_connections=state[2] - base[2], last_seen=state[3])))
+
+    def _collect(self, now: float) -> list[tuple[Meter, tuple, Counters]]:
+        out: list = []
         for info in self.tokens:
             meter = info.account
             if isinstance(meter, TokenMeter):
                 up, down = meter.sample(now)
-                if meter.origin == "runtime":
-                    continue
-                state = (up, down, meter.total_connections, None)
-                if state != meter.flushed:
-                    out.append(Counters(owner="token", ident=info.token, bytes_up=up,
-                                        bytes_down=down, total_connections=meter.total_connections))
-                    meter.flushed = state
+                if meter.origin != "runtime":
+                    self._growth(meter, "token", info.token,
+                                 (up, down, meter.total_connections, None), out)
         for user in list(self.users.values()):
             before = user._sample
             up, down = user.sample(now)
             if before is not None and (up, down) != before[1:]:
                 user.last_seen = now
-            state = (up, down, user.total_connections, user.last_seen)
-            if state != user.flushed:
-                out.append(Counters(owner="user", ident=user.id, bytes_up=up, bytes_down=down,
-                                    total_connections=user.total_connections,
-                                    last_seen=user.last_seen))
-                user.flushed = state
+            self._growth(user, "user", user.id, (up, down, user.total_connections, user.last_seen),
+                         out)
         return out
 
     async def _flush(self) -> None:
         async with self.lock:
-            counters = self._collect(time.time())
+            grown = self._collect(time.time())
             events = self.events.take_unsaved()
             try:
-                await self.store.flush(counters, events)
+                await self.store.flush([c for _, _, c in grown], events)
             except StoreError as exc:
+                # the baselines stay: the next flush writes this growth and whatever comes
                 self.flush_failures += 1
                 self.events.put_back(events)
-                for c in counters:  # write them again next time
-                    owner = (self.tokens.get(c.ident) if c.owner == "token" else None)
-                    meter = owner.account if owner is not None else self._user_by_id(c.ident)
-                    if meter is not None:
-                        meter.flushed = None
                 if self.store_error != str(exc):
                     log.error("cannot save counters and events: %s", exc)
                     self.events.add("store_error", detail=str(exc))
                 self.store_error = str(exc)
                 return
+            for meter, state, _ in grown:
+                meter.flushed = state
             if self.store_error is not None:
                 log.info("the store works again")
             self.store_error = None
             self.flushes += 1
-
-    def _user_by_id(self, user_id: str) -> UserAccount | None:
-        for user in self.users.values():
-            if user.id == user_id:
-                return user
-        return None
 
     async def _enforce_loop(self) -> None:
         while True:
@@ -458,6 +491,9 @@ class Management:
             raise ApiError(400, "a token must be 1 to 255 bytes long")
         if kind == REVERSE and bool(req.username) != bool(req.password):
             raise ApiError(400, "username and password go together")
+        for name in ("username", "password"):  # SOCKS5 carries 255 bytes at most
+            if len(getattr(req, name).encode()) > 255:
+                raise ApiError(422, f"Expected at most 255 bytes (UTF-8) - at `$.{name}`", field=name)
         async with self.lock:
             existing = self.tokens.get(token)
             if existing is not None:
@@ -639,10 +675,9 @@ class Management:
     async def reset_user(self, key: str) -> s.User:
         async with self.lock:
             user = self._user(key)
-            await self._persist(self.store.put_user(self._user_record(
-                user, bytes_up=0, bytes_down=0)))
+            await self._persist(self.store.reset_user(user.id))
             user.reset()
-            user.flushed = None
+            user.flushed = (0, 0, *user.flushed[2:])
         self.events.add("user_reset", user=user.name)
         log.info("API: user %s counters reset", user.name)
         return self.user_view(user)
@@ -668,6 +703,7 @@ class Management:
         if self.public_url:
             return self.public_url
         ws = "wss" if self.server.tls is not None else "ws"
+        host = _usable_host(host)
         if self.api_bind is None and host:
             return f"{ws}://{host}"
         hostname = urlsplit(f"//{host}").hostname if host else None
@@ -681,7 +717,7 @@ class Management:
     def subscription(self, key: str, client: str, scheme: str, host: str) -> s.Subscription:
         user = self.users.get(key)
         if user is None:
-            self.limiter.failed(client)
+            self.note_failed_key(client, "an unknown user key in /api/subscribe")
             raise ApiError(404, "unknown key")
         reason = user.refuse_reason()
         if reason in (REASON_DISABLED, REASON_EXPIRED):
@@ -733,7 +769,7 @@ class Management:
             tot["channels"] += fig.channels
         totals = s.Figures(clients=len(sessions), **tot)
         return s.Stats(uptime_seconds=round(time.time() - self.started_at, 3), totals=totals,
-                       tokens=tokens, users=users)
+                       tokens=tokens, users=users, internal_errors=guard.Stats.internal_errors)
 
     def query_events(self, q: s.EventsQuery) -> s.Events:
         aliases: frozenset[str] = frozenset()

@@ -23,7 +23,11 @@ UserName = Annotated[str, Meta(
     pattern=r"^[A-Za-z0-9._@+-]{1,64}$",
     description="1 to 64 characters of A-Z a-z 0-9 . _ @ + - ; unique; the SOCKS5 username "
     "on reverse-mode ports")]
-Timestamp = Annotated[datetime, Meta(tz=True, description="RFC 3339 date-time with a time zone")]
+Timestamp = Annotated[datetime, Meta(tz=True, description=(
+    "RFC 3339 date-time with a time zone, between 1970-01-01T00:00:00Z and "
+    "2200-01-01T00:00:00Z (app.check_dates; msgspec has no bounds for dates)"))]
+# a SOCKS5 username or password (RFC 1929: at most 255 bytes; the plane checks the bytes)
+SocksText = Annotated[str, Meta(max_length=255)]
 Status = Literal["active", "disabled"]
 
 
@@ -59,8 +63,8 @@ class TokenRequest(Request):
     type: str
     token: str = ""
     port: Port | None = None
-    username: str = ""
-    password: str = ""
+    username: SocksText = ""
+    password: SocksText = ""
     reverse_token: str = ""
     allow_manage_connector: bool = False
 
@@ -204,6 +208,7 @@ class Stats(Struct, kw_only=True):
     totals: Figures
     tokens: list[TokenFigures]
     users: list[UserFigures]
+    internal_errors: int  # unexpected errors since start (each ended one connection or request)
 
 
 class EventsQuery(Struct, kw_only=True):

@@ -10,11 +10,23 @@ Durability: every API change is one committed transaction before the API answers
 Counters and events are written by the management plane's flusher once a second and at
 shutdown. The database runs in WAL mode with ``synchronous=NORMAL``: a crash of the
 process loses nothing committed; a power loss may lose the last transactions.
+
+One server per file: the store holds an exclusive lock (``flock`` on ``<db>.lock``) for as
+long as it is open, and a second server on the same file refuses to start
+(:class:`StoreInUse`). Two servers on one file double-spent quotas and replaced each
+other's users. Counters are written as increments and API changes never write counters
+(only a reset zeroes them), so even two writers that met would lose no bytes.
+
+What is read back is checked: a value no version of trisocks would write (a date outside
+the API's range, a text where a number belongs) is logged and replaced by a safe one,
+so an old or hand-edited file cannot break a listing or a start.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -25,6 +37,8 @@ from typing import Protocol
 import msgspec
 import trio
 
+from .dates import MIN_TIME, stored_time
+
 log = logging.getLogger("trisocks.management.store")
 
 SCHEMA_VERSION = 1
@@ -33,6 +47,10 @@ EVENTS_KEPT = 100_000  # rows of the events table; older ones are pruned as new 
 
 class StoreError(Exception):
     """The store cannot do what was asked (disk full, file corrupt, locked...)."""
+
+
+class StoreInUse(StoreError):
+    """Another process (a second server) has the database open."""
 
 
 class TokenRecord(msgspec.Struct, kw_only=True):
@@ -65,14 +83,14 @@ class UserRecord(msgspec.Struct, kw_only=True):
 
 
 class Counters(msgspec.Struct, kw_only=True):
-    """One owner's traffic counters, as the flusher writes them."""
+    """What one owner's counters grew by since the last flush: the store adds it."""
 
     owner: str  # "token" or "user"
     ident: str  # the token, or the user's id
     bytes_up: int
     bytes_down: int
     total_connections: int
-    last_seen: float | None = None
+    last_seen: float | None = None  # a time, not an increment: the later one is kept
 
 
 class EventRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
@@ -101,17 +119,21 @@ class Store(Protocol):
         """Prepare the store and return everything kept (events: the most recent)."""
 
     async def put_token(self, record: TokenRecord) -> None:
-        """Create or replace a token (counters included)."""
+        """Create a token, or update a stored one (its counters are kept as stored)."""
 
     async def delete_tokens(self, tokens: list[str]) -> None: ...
 
     async def put_user(self, record: UserRecord) -> None:
-        """Create or replace a user by id (its key and name are unique)."""
+        """Create a user, or update one by id; counters of a stored one are kept as stored.
+        A key or name that another user has is an error, never a replacement."""
+
+    async def reset_user(self, user_id: str) -> None:
+        """Zero a user's byte counters."""
 
     async def delete_user(self, user_id: str) -> None: ...
 
     async def flush(self, counters: list[Counters], events: list[EventRecord]) -> None:
-        """Write counters (of owners that still exist) and append events, in one go."""
+        """Add counter increments (of owners that still exist) and append events, in one go."""
 
     async def check(self) -> None:
         """Raise StoreError unless the store can be written now."""
@@ -171,6 +193,57 @@ _TOKEN_COLS = ("token", "kind", "origin", "port", "username", "password", "allow
 _USER_COLS = ("id", "key", "name", "limit_bytes", "expires_at", "status", "created_at", "last_seen",
               "bytes_up", "bytes_down", "total_connections")
 _EVENT_COLS = ("id", "time", "type", "token", "user", "peer", "role", "detail")
+_COUNTER_COLS = ("bytes_up", "bytes_down", "total_connections", "last_seen")
+
+
+def _upsert(table: str, cols: tuple[str, ...], key: str) -> str:
+    """Insert a row, or update a stored one without touching its counters."""
+    updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != key and c not in _COUNTER_COLS)
+    return (f"INSERT INTO {table} ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
+            f"ON CONFLICT({key}) DO UPDATE SET {updates}")
+
+
+def _count(value, what: str) -> int:
+    """A stored counter: a non-negative integer, or 0."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value >= 0:
+        return int(value)
+    log.warning("%s: stored value %r is not a count; taken as 0", what, value)
+    return 0
+
+
+def _clean_user(rec: UserRecord) -> UserRecord:
+    what = f"user {rec.name!r}"
+    for name in ("id", "key", "name"):
+        if not isinstance(getattr(rec, name), str):
+            setattr(rec, name, str(getattr(rec, name)))
+    rec.expires_at = stored_time(rec.expires_at, f"{what} expires_at", invalid=MIN_TIME)
+    rec.created_at = stored_time(rec.created_at, f"{what} created_at", invalid=MIN_TIME) or MIN_TIME
+    rec.last_seen = stored_time(rec.last_seen, f"{what} last_seen", invalid=None)
+    if rec.limit_bytes is not None:
+        limit = _count(rec.limit_bytes, f"{what} limit_bytes")  # garbage: 0, fail closed
+        rec.limit_bytes = min(limit, 1 << 62)
+    if rec.status not in ("active", "disabled"):
+        log.warning("%s: stored status %r is unknown; taken as disabled", what, rec.status)
+        rec.status = "disabled"
+    for name in ("bytes_up", "bytes_down", "total_connections"):
+        setattr(rec, name, _count(getattr(rec, name), f"{what} {name}"))
+    return rec
+
+
+def _clean_token(rec: TokenRecord) -> TokenRecord:
+    what = f"token row {rec.kind}"
+    rec.token = str(rec.token)
+    rec.created_at = stored_time(rec.created_at, f"{what} created_at", invalid=MIN_TIME) or MIN_TIME
+    for name in ("bytes_up", "bytes_down", "total_connections"):
+        setattr(rec, name, _count(getattr(rec, name), f"{what} {name}"))
+    return rec
+
+
+def _clean_event(rec: EventRecord) -> EventRecord:
+    rec.time = stored_time(rec.time, f"event {rec.id}", invalid=MIN_TIME) or MIN_TIME
+    return rec
 
 
 class SQLiteStore:
@@ -183,6 +256,13 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we opened
+        self._lock_fd: int | None = None  # holds the flock on <db>.lock while open
+
+    @property
+    def lock_path(self) -> Path:
+        # next to the real file, so that a symlink to the database finds the same lock
+        real = self.path.resolve()
+        return real.with_name(real.name + ".lock")
 
     # -- plumbing -------------------------------------------------------------------------
     async def _run(self, fn, *args):
@@ -220,9 +300,49 @@ class SQLiteStore:
     async def open(self) -> Snapshot:
         return await self._run(self._open_sync)
 
+    def _take_lock(self) -> None:
+        """Hold an exclusive flock on <db>.lock until close(), or raise StoreInUse.
+
+        A separate file, because SQLite's own POSIX locks on the database must not be
+        mixed with ours; it is never removed (removing it would let two servers lock two
+        different files of the same name).
+        """
+        path = self.lock_path
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot create {path}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            who = f"another trisocks server (pid {holder})" if holder.isdigit() else "another process"
+            raise StoreInUse(f"{self.path} is in use by {who}; stop that one first, or give this "
+                             "server a database of its own with --db FILE") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _drop_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
     def _open_sync(self) -> Snapshot:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StoreError(f"cannot create {self.path}: {exc.strerror or exc}") from None
+        self._take_lock()
+        try:
+            return self._open_locked()
+        except BaseException:
+            self._drop_lock()
+            raise
+
+    def _open_locked(self) -> Snapshot:
+        try:
             if not self.path.exists():
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         except OSError as exc:
@@ -239,14 +359,15 @@ class SQLiteStore:
                                  f"this one knows {SCHEMA_VERSION})")
             conn.executescript(_SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            tokens = [TokenRecord(**dict(zip(_TOKEN_COLS, row, strict=False)))
+            tokens = [_clean_token(TokenRecord(**dict(zip(_TOKEN_COLS, row, strict=False))))
                       for row in conn.execute(f"SELECT {','.join(_TOKEN_COLS)} FROM tokens ORDER BY rowid")]
             for t in tokens:
                 t.allow_manage_connector = bool(t.allow_manage_connector)
-            users = [UserRecord(**dict(zip(_USER_COLS, row, strict=False)))
+            users = [_clean_user(UserRecord(**dict(zip(_USER_COLS, row, strict=False))))
                      for row in conn.execute(f"SELECT {','.join(_USER_COLS)} FROM users "
-                                             "ORDER BY created_at, rowid")]
-            events = [EventRecord(**dict(zip(_EVENT_COLS, row, strict=False)))
+                                             "ORDER BY rowid")]
+            users.sort(key=lambda u: u.created_at)  # stable: rowid order among equals
+            events = [_clean_event(EventRecord(**dict(zip(_EVENT_COLS, row, strict=False))))
                       for row in conn.execute(f"SELECT {','.join(_EVENT_COLS)} FROM events "
                                               "ORDER BY id DESC LIMIT ?", (self.events_loaded,))]
         except BaseException:
@@ -259,18 +380,18 @@ class SQLiteStore:
 
     async def put_token(self, record: TokenRecord) -> None:
         row = tuple(getattr(record, c) for c in _TOKEN_COLS)
-        sql = (f"INSERT OR REPLACE INTO tokens ({','.join(_TOKEN_COLS)}) "
-               f"VALUES ({','.join('?' * len(_TOKEN_COLS))})")
-        await self._run(self._tx, [(sql, [row])])
+        await self._run(self._tx, [(_upsert("tokens", _TOKEN_COLS, "token"), [row])])
 
     async def delete_tokens(self, tokens: list[str]) -> None:
         await self._run(self._tx, [("DELETE FROM tokens WHERE token = ?", [(t,) for t in tokens])])
 
     async def put_user(self, record: UserRecord) -> None:
         row = tuple(getattr(record, c) for c in _USER_COLS)
-        sql = (f"INSERT OR REPLACE INTO users ({','.join(_USER_COLS)}) "
-               f"VALUES ({','.join('?' * len(_USER_COLS))})")
-        await self._run(self._tx, [(sql, [row])])
+        await self._run(self._tx, [(_upsert("users", _USER_COLS, "id"), [row])])
+
+    async def reset_user(self, user_id: str) -> None:
+        await self._run(self._tx, [("UPDATE users SET bytes_up = 0, bytes_down = 0 WHERE id = ?",
+                                    [(user_id,)])])
 
     async def delete_user(self, user_id: str) -> None:
         await self._run(self._tx, [("DELETE FROM users WHERE id = ?", [(user_id,)])])
@@ -283,11 +404,14 @@ class SQLiteStore:
         user_rows = [(c.bytes_up, c.bytes_down, c.total_connections, c.last_seen, c.ident)
                      for c in counters if c.owner == "user"]
         event_rows = [tuple(getattr(e, c) for c in _EVENT_COLS) for e in events]
+        user_rows = [(up, down, conns, seen, seen, ident) for up, down, conns, seen, ident in user_rows]
         statements = [
-            ("UPDATE tokens SET bytes_up = ?, bytes_down = ?, total_connections = ? WHERE token = ?",
-             token_rows),
-            (("UPDATE users SET bytes_up = ?, bytes_down = ?, total_connections = ?, last_seen = ? "
-             "WHERE id = ?"), user_rows),
+            (("UPDATE tokens SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, "
+              "total_connections = total_connections + ? WHERE token = ?"), token_rows),
+            # last_seen: the later of the two (max() is NULL when either is)
+            (("UPDATE users SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, "
+              "total_connections = total_connections + ?, "
+              "last_seen = COALESCE(MAX(last_seen, ?), last_seen, ?) WHERE id = ?"), user_rows),
             ((f"INSERT OR REPLACE INTO events ({','.join(_EVENT_COLS)}) "
              f"VALUES ({','.join('?' * len(_EVENT_COLS))})"), event_rows),
         ]
@@ -325,6 +449,7 @@ class SQLiteStore:
                 except sqlite3.Error:
                     pass
                 self._conn = None
+            self._drop_lock()
 
 
 class MemoryStore:
@@ -350,6 +475,9 @@ class MemoryStore:
         self._check()
 
     async def put_user(self, record: UserRecord) -> None:
+        self._check()
+
+    async def reset_user(self, user_id: str) -> None:
         self._check()
 
     async def delete_user(self, user_id: str) -> None:
