@@ -72,6 +72,22 @@ or `***(7 chars)` for tokens shorter than 10 characters), nor proxy passwords (`
 | DEBUG | `-d` (`TRISOCKS_DEBUG=1`) | why each failed connection failed (`CONNECT 127.0.0.1:9 failed: connection refused`), failed TLS handshakes and bad HTTP requests on the server port, the tokens (redacted) |
 | TRACE | `-dd` (`TRISOCKS_DEBUG=2`) | every protocol message sent and received, including each Data message with its size; slow, for debugging only |
 
+### Lines to wait for
+
+Supervisors, scripts and tests may wait for these client-side lines (logger
+`trisocks.client`, level INFO unless said); their wording is kept stable:
+
+| event | line |
+| --- | --- |
+| client or connector ready: its SOCKS5 port accepts connections (logged only then) | `SOCKS5 proxy listening on HOST:PORT` (once) |
+| ready again after a reconnect (or, with `-i`, first connected) | `SOCKS5 proxy ready on HOST:PORT (reconnected)` (`SOCKS5 proxy ready on HOST:PORT` with `-i`) |
+| provider ready: the server accepted it | `provider ready on URL`, then `provider ready on URL (reconnected)` after each reconnect |
+| connection to the server lost (WARNING) | `connection N to server lost (REASON); reconnecting` |
+| server unreachable (WARNING) | `cannot reach URL: REASON; retrying in S s` |
+| token refused: final, exit status 1 (ERROR) | `server refused token XXXX...: REASON` |
+| stopping on a signal | `stopping (SIGTERM): closing the connections to the server` |
+| a bug, contained: the session ends, the client reconnects (ERROR, with a traceback, logger `trisocks.guard`) | `internal error in connection N to server, which is closed (the process goes on): ...` |
+
 ## Exit status
 
 | status | when |
@@ -79,11 +95,13 @@ or `***(7 chars)` for tokens shorter than 10 characters), nor proxy passwords (`
 | 0 | `trisocks version`, `--help` |
 | 1 | a runtime failure: the server refused the token (never retried), the server was lost with `-R`, a port could not be opened (`cannot listen on 127.0.0.1:8765 for the server: address already in use`), logged at ERROR |
 | 2 | a usage or configuration error, before anything starts: an unknown flag, a missing or non-numeric value, no command at all, a `TRISOCKS_*` variable that does not fit its flag (only for the command that uses it), a malformed `-x` URL or proxy variable, `-n` without `-w`, `-T 0`, `-c` on a non-provider client, `-c`/`-a` without `-r`, an unreadable TLS file, an unsupported `-u` scheme. The message starts with `trisocks: error:` |
-| 130 | stopped with Ctrl-C (SIGINT); the log says `stopped` |
+| 0 | a client, provider or connector stopped with SIGTERM: its WebSockets were closed with a close frame (1001), so the server forgets it at once |
+| 130 | stopped with Ctrl-C (SIGINT); the log says `stopped` (clients: `stopping (SIGINT)`) |
 
-A client without `-R` does not exit when the server cannot be reached or goes away: it
-reconnects with exponential backoff (1 s, doubling up to 30 s, with ±20 % jitter) until
-it is stopped, or until the server refuses its token.
+A client without `-R` does not exit when the server cannot be reached or goes away, nor
+when its session meets an unexpected error: it reconnects with exponential backoff (1 s,
+doubling up to 30 s, with ±20 % jitter) until it is stopped, or until the server refuses
+its token.
 """
 
 

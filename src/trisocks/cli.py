@@ -193,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add(c, "-t", "--token", env="TOKEN", default="anonymous",
              help="token to authenticate with (forward, reverse or connector token)")
         _add(c, "-u", "--url", env="URL", default="ws://localhost:8765",
-             help="WebSocket server URL (ws:// or http://; the path defaults to /socket)")
+             help="WebSocket server URL (ws:// or http://; the path defaults to /socket). A "
+             "token in it (?token=T) wins over -t and is sent hashed, as LinkSocks clients do")
         if name == "client":
             _add(c, "--subscribe", env="SUBSCRIBE", default="",
                  help="take the server URL and token from a subscription: the URL of a "
