@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trisocks import socks5 as s
+from trisocks.names import host_error
 from trisocks.socks5 import Request, Socks5Error
 
 
@@ -54,20 +55,20 @@ def test_parse_greeting_errors() -> None:
 
 
 def test_parse_userpass() -> None:
-    assert feed(s.parse_userpass, b"\x01\x04user\x06secret") == ("user", "secret", 13)
-    assert feed(s.parse_userpass, b"\x01\x00\x00") == ("", "", 3)
+    assert feed(s.parse_userpass, b"\x01\x04user\x06secret") == (b"user", b"secret", 13)
+    assert feed(s.parse_userpass, b"\x01\x00\x00") == (b"", b"", 3)
     unicode = "пароль".encode()
     assert feed(s.parse_userpass, b"\x01\x01u" + bytes((len(unicode),)) + unicode) == (
-        "u",
-        "пароль",
+        b"u",
+        unicode,
         4 + len(unicode),
     )
 
 
-def test_parse_userpass_undecodable_credentials_just_fail_to_match() -> None:
-    user, password, _ = s.parse_userpass(b"\x01\x01\xff\x01\xfe")  # type: ignore[misc]
-    assert user != "\xff" and password != "\xfe"
-    assert s.client_userpass(user, password) == b"\x01\x01\xff\x01\xfe"
+def test_parse_userpass_gives_bytes_as_sent() -> None:
+    # RFC 1929 credentials are bytes: any byte (0xFF included) is kept, compared as such
+    assert s.parse_userpass(b"\x01\x01\xff\x01\xfe") == (b"\xff", b"\xfe", 5)
+    assert s.client_userpass(b"\xff", b"\xfe") == b"\x01\x01\xff\x01\xfe"
 
 
 def test_parse_userpass_bad_version() -> None:
@@ -111,8 +112,14 @@ REQUEST_ERRORS = [
     (b"\x05\x04\x00\x01\x7f\x00\x00\x01\x00\x50", s.COMMAND_NOT_SUPPORTED),
     (b"\x05\x01\x00\x02", s.ADDRESS_TYPE_NOT_SUPPORTED),
     (b"\x05\x01\x00\x00\x7f\x00\x00\x01\x00\x50", s.ADDRESS_TYPE_NOT_SUPPORTED),
-    (b"\x05\x01\x00\x03\x00", s.GENERAL_FAILURE),  # empty domain
-    (b"\x05\x01\x00\x03\x02\xc3\x28\x00\x50", s.GENERAL_FAILURE),  # not UTF-8
+    # a name nobody could resolve is answered like one that does not resolve
+    (b"\x05\x01\x00\x03\x00", s.HOST_UNREACHABLE),  # empty domain
+    (b"\x05\x01\x00\x03\x02\xc3\x28\x00\x50", s.HOST_UNREACHABLE),  # not UTF-8
+    (b"\x05\x01\x00\x03\x03a\x00b\x00\x50", s.HOST_UNREACHABLE),  # NUL
+    (b"\x05\x01\x00\x03\x04a..b\x00\x50", s.HOST_UNREACHABLE),  # empty label
+    (b"\x05\x01\x00\x03\x44" + b"x" * 64 + b".com\x00\x50", s.HOST_UNREACHABLE),  # label > 63
+    (b"\x05\x01\x00\x03\xff" + b"a." * 127 + b"a\x00\x50", s.HOST_UNREACHABLE),  # name > 253
+    (b"\x05\x01\x00\x03\x07\xe2\x98\x83.net\x00\x50", s.HOST_UNREACHABLE),  # not IDNA
 ]
 
 
@@ -127,7 +134,7 @@ def test_parse_request_errors_fire_as_soon_as_the_bad_byte_arrives() -> None:
     for raw, code in [
         (b"\x05\x09", s.COMMAND_NOT_SUPPORTED),
         (b"\x05\x01\x00\x05", s.ADDRESS_TYPE_NOT_SUPPORTED),
-        (b"\x05\x01\x00\x03\x00", s.GENERAL_FAILURE),
+        (b"\x05\x01\x00\x03\x00", s.HOST_UNREACHABLE),
     ]:
         assert s.parse_request(raw[:-1]) is None
         with pytest.raises(Socks5Error) as info:
@@ -202,7 +209,7 @@ def test_client_greeting_round_trip() -> None:
 
 def test_client_userpass_round_trip() -> None:
     raw = s.client_userpass("alice", "s3cr3t☃")
-    assert feed(s.parse_userpass, raw) == ("alice", "s3cr3t☃", len(raw))
+    assert feed(s.parse_userpass, raw) == (b"alice", "s3cr3t☃".encode(), len(raw))
     with pytest.raises(ValueError):
         s.client_userpass("u" * 256, "p")
     with pytest.raises(ValueError):
@@ -305,10 +312,11 @@ def _not_ip(text: str) -> bool:
     return False
 
 
-domains = st.text(min_size=1, max_size=63).filter(_not_ip) | st.text(
-    alphabet="abc.-", min_size=255, max_size=255
-).filter(_not_ip)
+labels = st.text(alphabet="abcxyz019-_", min_size=1, max_size=63)
+domains = st.lists(labels, min_size=1, max_size=4).map(".".join).filter(_not_ip)
 hosts = ipv4s | ipv6s | domains
+# anything a peer may put in a domain field: the parsers refuse what names.check_host refuses
+any_domains = st.text(min_size=1, max_size=63).filter(_not_ip)
 ports = st.integers(0, 0xFFFF)
 
 
@@ -324,7 +332,19 @@ def test_property_request_round_trip(command: int, host: str, port: int) -> None
     )
 
 
-@given(st.integers(0, 255), hosts, ports)
+@given(st.sampled_from([s.CMD_CONNECT, s.CMD_UDP_ASSOCIATE]), any_domains, ports)
+def test_property_request_names_are_checked(command: int, host: str, port: int) -> None:
+    raw = s.client_request(command, host, port)
+    try:
+        request, _ = s.parse_request(raw)  # type: ignore[misc]
+    except Socks5Error as exc:
+        assert exc.reply == s.HOST_UNREACHABLE
+        assert host_error(host) is not None
+    else:
+        assert request.host == host and host_error(host) is None
+
+
+@given(st.integers(0, 255), hosts | any_domains, ports)
 def test_property_reply_round_trip(code: int, host: str, port: int) -> None:
     raw = s.reply(code, host, port)
     assert s.parse_reply(raw) == (code, host, port, len(raw))
@@ -337,8 +357,8 @@ def test_property_udp_round_trip(host: str, port: int, payload: bytes) -> None:
     assert (frag, got_host, got_port, datagram[offset:]) == (0, host, port, payload)
 
 
-@given(st.text(max_size=60), st.text(max_size=60))
-def test_property_userpass_round_trip(user: str, password: str) -> None:
+@given(st.binary(max_size=255), st.binary(max_size=255))
+def test_property_userpass_round_trip(user: bytes, password: bytes) -> None:
     raw = s.client_userpass(user, password)
     assert s.parse_userpass(raw) == (user, password, len(raw))
 

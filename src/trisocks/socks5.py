@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from socket import gaierror
 from typing import TypeAlias
 
+from .names import BAD_HOST_TEXT, BadHostName, check_host
+
 __all__ = [
     "ADDRESS_TYPE_NOT_SUPPORTED",
     "ATYP_DOMAIN",
@@ -108,9 +110,15 @@ class Request:
 
 
 def _parse_address(
-    buf: Buffer, pos: int, atyp: int, bad_atyp: int | None, bad_name: int | None
+    buf: Buffer, pos: int, atyp: int, bad_atyp: int | None, bad_name: int | None,
+    check: bool = True,
 ) -> tuple[str, int, int] | None:
-    """ATYP-specific DST/BND address plus port at ``pos``: (host, port, end)."""
+    """ATYP-specific DST/BND address plus port at ``pos``: (host, port, end).
+
+    With ``check`` a domain name must be one a resolver can be asked about
+    (:func:`trisocks.names.check_host`): a destination is checked here, once, so that
+    nothing downstream meets a NUL, an empty or overlong label or a non-IDNA name.
+    """
     if atyp == ATYP_IPV4:
         end = pos + 4
         if len(buf) < end + 2:
@@ -133,6 +141,11 @@ def _parse_address(
             host = bytes(buf[pos + 1 : end]).decode()
         except UnicodeDecodeError:
             raise Socks5Error("domain name is not valid UTF-8", bad_name) from None
+        if check:
+            try:
+                check_host(host)
+            except BadHostName as exc:
+                raise Socks5Error(f"{BAD_HOST_TEXT}: {exc}", bad_name) from None
     else:
         raise Socks5Error(f"unknown address type {atyp}", bad_atyp)
     return host, (buf[end] << 8) | buf[end + 1], end + 2
@@ -177,12 +190,11 @@ def parse_greeting(buf: Buffer) -> tuple[bytes, int] | None:
     return bytes(buf[2 : 2 + n]), 2 + n
 
 
-def parse_userpass(buf: Buffer) -> tuple[str, str, int] | None:
+def parse_userpass(buf: Buffer) -> tuple[bytes, bytes, int] | None:
     """RFC 1929 VER ULEN UNAME PLEN PASSWD -> (user, password, consumed).
 
-    Credentials that are not UTF-8 decode with ``surrogateescape``: they then
-    never equal a configured (valid) credential, so the caller answers an
-    ordinary authentication failure instead of dropping the connection.
+    Credentials are bytes, as RFC 1929 defines them: they are compared as bytes, so any
+    byte (0xFF included) is just one more way not to match.
     """
     if not buf:
         return None
@@ -195,9 +207,7 @@ def parse_userpass(buf: Buffer) -> tuple[str, str, int] | None:
     end = ulen_end + 1 + buf[ulen_end]
     if len(buf) < end:
         return None
-    user = bytes(buf[2:ulen_end]).decode(errors="surrogateescape")
-    password = bytes(buf[ulen_end + 1 : end]).decode(errors="surrogateescape")
-    return user, password, end
+    return bytes(buf[2:ulen_end]), bytes(buf[ulen_end + 1 : end]), end
 
 
 def parse_request(buf: Buffer) -> tuple[Request, int] | None:
@@ -214,7 +224,8 @@ def parse_request(buf: Buffer) -> tuple[Request, int] | None:
         return None
     # RSV (buf[2]) must be 0 per RFC 1928; like most servers we do not care.
     atyp = buf[3]
-    parsed = _parse_address(buf, 4, atyp, ADDRESS_TYPE_NOT_SUPPORTED, GENERAL_FAILURE)
+    # A name we cannot use is answered like one that does not resolve, as the far side would.
+    parsed = _parse_address(buf, 4, atyp, ADDRESS_TYPE_NOT_SUPPORTED, HOST_UNREACHABLE)
     if parsed is None:
         return None
     host, port, end = parsed
@@ -250,9 +261,9 @@ def client_greeting(with_auth: bool) -> bytes:
     return bytes((VERSION, 1, NO_AUTH))
 
 
-def client_userpass(user: str, password: str) -> bytes:
-    u = user.encode(errors="surrogateescape")
-    p = password.encode(errors="surrogateescape")
+def client_userpass(user: str | bytes, password: str | bytes) -> bytes:
+    u = user if isinstance(user, bytes) else user.encode(errors="surrogateescape")
+    p = password if isinstance(password, bytes) else password.encode(errors="surrogateescape")
     if len(u) > 255 or len(p) > 255:
         raise ValueError("username and password are limited to 255 bytes each")
     return bytes((USERPASS_VERSION, len(u))) + u + bytes((len(p),)) + p
@@ -294,7 +305,8 @@ def parse_reply(buf: Buffer) -> tuple[int, str, int, int] | None:
     _check_version(buf, VERSION, "reply")
     if len(buf) < 4:
         return None
-    parsed = _parse_address(buf, 4, buf[3], None, None)
+    # the bound address is the proxy's business: not checked, never dialed
+    parsed = _parse_address(buf, 4, buf[3], None, None, check=False)
     if parsed is None:
         return None
     host, port, end = parsed
@@ -403,6 +415,8 @@ def reply_for_exception(exc: BaseException) -> int:
 # Substrings of error texts, tried in order, lower-cased. They cover Go's net
 # errors (LinkSocks), Python's OSError texts (pywssocks) and error_text() below.
 _TEXT_REPLY: tuple[tuple[int, tuple[str, ...]], ...] = (
+    # names.host_error: refused before any lookup (its reasons may say "not allowed")
+    (HOST_UNREACHABLE, (BAD_HOST_TEXT,)),
     # Name resolution first: a failed lookup may mention a refused or timed-out resolver.
     (
         HOST_UNREACHABLE,

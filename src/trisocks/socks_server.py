@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from . import socks5
+from .throttle import FailureLimiter
 from .transport import accept_loop, bind_tcp, close_socket, sock_recv, sock_sendall
 
 log = logging.getLogger("trisocks.socks")
@@ -27,24 +28,45 @@ HANDSHAKE_TIMEOUT = 10.0
 ConnectHandler = Callable[[object, socks5.Request, bytes, object], Awaitable[None]]
 
 
+def _raw(value: str | bytes) -> bytes:
+    # surrogateescape: a credential given on a command line in another encoding is its bytes
+    return value if isinstance(value, bytes) else value.encode(errors="surrogateescape")
+
+
 class Credentials:
-    """One username/password pair, compared in constant time.
+    """One username/password pair, compared as bytes (RFC 1929 credentials are bytes) in
+    constant time.
 
     Anything with a ``check(username, password)`` method can stand in for it: the
     result is falsy to refuse, ``True`` to accept, or an account object to accept
-    and meter the connection's channels to (management-plane users). One whose
-    ``optional`` attribute is true also accepts clients that offer no authentication;
-    clients that offer username/password are still checked.
+    and meter the connection's channels to (management-plane users). It gets bytes
+    when its ``accepts_bytes`` attribute is true, else text (credentials that are not
+    UTF-8 then fail without being checked). One whose ``optional`` attribute is true
+    also accepts clients that offer no authentication; clients that offer
+    username/password are still checked.
     """
 
-    def __init__(self, username: str, password: str) -> None:
-        self.username = username.encode()
-        self.password = password.encode()
+    accepts_bytes = True
 
-    def check(self, username: str, password: str):
-        ok_user = hmac.compare_digest(self.username, username.encode())
-        ok_pass = hmac.compare_digest(self.password, password.encode())
+    def __init__(self, username: str | bytes, password: str | bytes) -> None:
+        self.username = _raw(username)
+        self.password = _raw(password)
+
+    def check(self, username: str | bytes, password: str | bytes) -> bool:
+        ok_user = hmac.compare_digest(self.username, _raw(username))
+        ok_pass = hmac.compare_digest(self.password, _raw(password))
         return ok_user and ok_pass
+
+
+def grant_for(credentials, username: bytes, password: bytes):
+    """What ``credentials.check`` says about these bytes; False for text it cannot take."""
+    if getattr(credentials, "accepts_bytes", False):
+        return credentials.check(username, password)
+    try:
+        user, pw = username.decode(), password.decode()
+    except UnicodeDecodeError:
+        return False  # no configured (text) credential is made of these bytes
+    return credentials.check(user, pw)
 
 
 class SocksServer:
@@ -57,6 +79,7 @@ class SocksServer:
         credentials: Credentials | None = None,
         on_udp: ConnectHandler | None = None,
         name: str = "SOCKS5",
+        limiter: FailureLimiter | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -64,6 +87,9 @@ class SocksServer:
         self.on_udp = on_udp
         self.credentials = credentials
         self.name = name
+        # wrong username/password per client address, as for tunnel tokens: a guesser is
+        # answered "failure" without a check once it passed the limit
+        self.limiter = limiter or FailureLimiter()
         self.connections = 0
         self.failures = 0
         self._lsock = None
@@ -99,7 +125,7 @@ class SocksServer:
         try:
             try:
                 with trio.fail_after(HANDSHAKE_TIMEOUT):
-                    request, early, account = await self._handshake(sock)
+                    request, early, account = await self._handshake(sock, _ip(addr))
             except socks5.Socks5Error as exc:
                 self.failures += 1
                 log.debug("%s handshake from %s refused: %s", self.name, _fmt(addr), exc)
@@ -112,16 +138,22 @@ class SocksServer:
                 return
             if request is None:
                 return
-            if request.command == socks5.CMD_CONNECT:
-                await self.on_connect(sock, request, early, account)
-            elif request.command == socks5.CMD_UDP_ASSOCIATE and self.on_udp is not None:
-                await self.on_udp(sock, request, early, account)
-            else:
-                await _try_send(sock, socks5.reply(socks5.COMMAND_NOT_SUPPORTED))
+            try:
+                await self._dispatch(sock, request, early, account)
+            except OSError as exc:  # the client reset or went away: its connection is over
+                log.debug("%s connection from %s ended: %s", self.name, _fmt(addr), exc)
         finally:
             close_socket(sock)
 
-    async def _handshake(self, sock) -> tuple[socks5.Request | None, bytes, object]:
+    async def _dispatch(self, sock, request: socks5.Request, early: bytes, account) -> None:
+        if request.command == socks5.CMD_CONNECT:
+            await self.on_connect(sock, request, early, account)
+        elif request.command == socks5.CMD_UDP_ASSOCIATE and self.on_udp is not None:
+            await self.on_udp(sock, request, early, account)
+        else:
+            await _try_send(sock, socks5.reply(socks5.COMMAND_NOT_SUPPORTED))
+
+    async def _handshake(self, sock, ip: str) -> tuple[socks5.Request | None, bytes, object]:
         buf = bytearray()
 
         async def read(parse):
@@ -146,15 +178,34 @@ class SocksServer:
             return None, b"", None
         if method == socks5.USERPASS:
             username, password = await read(socks5.parse_userpass)
-            grant = self.credentials.check(username, password) if self.credentials else None
+            grant = self._authenticate(ip, username, password)
             await sock_sendall(sock, socks5.userpass_reply(bool(grant)))
             if not grant:
-                log.warning("%s: wrong username or password from a client", self.name)
                 return None, b"", None
             if grant is not True:
                 account = grant
         (request,) = await read(socks5.parse_request)
         return request, bytes(buf), account
+
+    def _authenticate(self, ip: str, username: bytes, password: bytes):
+        """The credentials' verdict, unless this address failed too often lately (then False
+        without asking: a throttled guesser learns nothing)."""
+        limiter = self.limiter
+        if limiter.retry_after(ip):
+            log.debug("%s: %s is throttled after failed logins; refused unchecked", self.name, ip)
+            return False
+        grant = grant_for(self.credentials, username, password) if self.credentials else None
+        if grant:
+            limiter.succeeded(ip)
+            return grant
+        limiter.failed(ip)
+        wait = limiter.retry_after(ip)
+        if wait:
+            log.warning("%s: %s is refused for %d s after repeated wrong usernames or passwords",
+                        self.name, ip, wait)
+        else:
+            log.warning("%s: wrong username or password from %s", self.name, ip)
+        return False
 
 
 async def _try_send(sock, data: bytes) -> None:
@@ -162,6 +213,13 @@ async def _try_send(sock, data: bytes) -> None:
         await sock_sendall(sock, data)
     except OSError:
         pass
+
+
+def _ip(addr) -> str:
+    try:
+        return str(addr[0])
+    except (TypeError, IndexError):
+        return str(addr)
 
 
 def _fmt(addr) -> str:
