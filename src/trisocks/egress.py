@@ -4,29 +4,47 @@ A forward-mode server and a provider (reverse mode) do the same job, so both
 use :class:`Egress` as their session handler. TCP channels are dialed with
 the configured dialer (direct, or through an upstream proxy); UDP channels
 get a socket of their own (see :mod:`trisocks.udp`).
+
+The target comes from a peer: its host is checked (:func:`trisocks.names.host_error`)
+before anything resolves it, a dial may fail in any way a bad host allows without
+costing more than that channel, and a direct dial never leads back into this process
+(``own_listeners``: the management API must not see a tunnel user as a local caller).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
 from . import protocol, socks5
 from .channel import OPENING, Channel
-from .dial import dial_tcp
+from .dial import dial_tcp, is_own_listener
+from .names import host_error
 from .session import Handler, Session
 from .transport import close_socket
 
 log = logging.getLogger("trisocks.egress")
 
+# Dials in progress in this process, all sessions together. Each holds a socket (and maybe a
+# resolver thread's turn) for up to the connect timeout; past this, a Connect is refused at
+# once rather than queued, so a flood of Connects to black-holed targets cannot take every
+# file descriptor while established channels go on.
+MAX_PENDING_DIALS = 1024
+TOO_MANY_DIALS = "too many pending connections"
+
 # dialer(host, port, timeout) -> (connected socket, bytes the target already sent)
 Dialer = Callable[[str, int, float], Awaitable[tuple[object, bytes]]]
+Listeners = Callable[[], Iterable[tuple[str, int]]]
 
 
-async def direct_dialer(host: str, port: int, timeout: float):
-    return await dial_tcp(host, port, timeout=timeout), b""
+class _Pending:
+    dials = 0  # per process: a class attribute, shared by every Egress
+
+
+async def direct_dialer(host: str, port: int, timeout: float, refuse=None):
+    return await dial_tcp(host, port, timeout=timeout, refuse=refuse), b""
 
 
 def proxy_dialer(proxy) -> Dialer:
@@ -41,36 +59,57 @@ def proxy_dialer(proxy) -> Dialer:
 
 class Egress(Handler):
     def __init__(self, *, dialer: Dialer = direct_dialer, connect_timeout: float = 10.0,
-                 udp_idle_timeout: float = 60.0) -> None:
+                 udp_idle_timeout: float = 60.0, own_listeners: Listeners | None = None) -> None:
         self.dialer = dialer
         self.connect_timeout = connect_timeout
         self.udp_idle_timeout = udp_idle_timeout
+        # () -> (host, port) pairs this process listens on (host may be a wildcard): targets
+        # that reach one of them are refused, checked after name resolution
+        self.own_listeners = own_listeners
         self.channels_opened = 0
         self.dial_failures = 0
 
     def on_connect(self, session: Session, msg: protocol.Connect) -> None:
         refused = session.refuse_reason()
+        if refused is None and msg.protocol == protocol.TCP:
+            refused = host_error(msg.address)
+            if refused is None and _Pending.dials >= MAX_PENDING_DIALS:
+                refused = TOO_MANY_DIALS
         if refused:
+            log.debug("%s: Connect to %r refused: %s", session, msg.address, refused)
             session.send(protocol.ConnectResponse(False, msg.channel, refused))
             return
         if msg.protocol == protocol.TCP:
             ch = session.accept_channel(msg.channel, f"{msg.address}:{msg.port}")
             if ch is not None:
+                _Pending.dials += 1  # counted now: one read may bring many Connects at once
                 session.spawn(self._dial_and_relay, session, ch, msg, unit=f"dial {ch.target}")
         else:
             from .udp import UdpEgress
 
             UdpEgress.start(session, msg.channel, idle_timeout=self.udp_idle_timeout)
 
+    def _refuse(self, sockaddr) -> bool:
+        listeners = self.own_listeners
+        return listeners is not None and is_own_listener(sockaddr, listeners())
+
+    async def _dial(self, host: str, port: int):
+        """Dial (the pending count was taken by on_connect and is given back here)."""
+        try:
+            if self.dialer is direct_dialer:
+                return await direct_dialer(host, port, self.connect_timeout, self._refuse)
+            return await self.dialer(host, port, self.connect_timeout)
+        finally:
+            _Pending.dials -= 1
+
     async def _dial_and_relay(self, session: Session, ch: Channel, msg: protocol.Connect) -> None:
         try:
             try:
-                sock, early = await self.dialer(msg.address, msg.port, self.connect_timeout)
-            except (OSError, trio.TooSlowError) as exc:
+                sock, early = await self._dial(msg.address, msg.port)
+            except (OSError, ValueError, trio.TooSlowError) as exc:  # ValueError: UnicodeError too
                 self.dial_failures += 1
-                code = socks5.reply_for_exception(exc)
                 log.debug("%s: connect to %s failed: %s", session, ch.target, exc or "timeout")
-                session.send_if_open(protocol.ConnectResponse(False, ch.id, socks5.error_text(code)))
+                session.send_if_open(protocol.ConnectResponse(False, ch.id, _failure_text(exc)))
                 return
             if ch.state != OPENING:  # the peer gave up while we were dialing
                 close_socket(sock)
@@ -85,3 +124,11 @@ class Egress(Handler):
             pass
         finally:
             ch.finish()
+
+
+def _failure_text(exc: BaseException) -> str:
+    """The ConnectResponse error for a failed dial: our own refusal as it was worded, else
+    the text of its SOCKS5 reply code (which socks5.reply_for_error_text maps back)."""
+    if isinstance(exc, PermissionError) and "not allowed" in str(exc.strerror or ""):
+        return exc.strerror
+    return socks5.error_text(socks5.reply_for_exception(exc))

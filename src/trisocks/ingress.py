@@ -6,6 +6,11 @@ connector all do this: pick a session, send Connect, wait for the answer,
 reply to the SOCKS5 program, relay. With fast open the SOCKS5 program hears
 "succeeded" at once and its first bytes travel with the Connect; a failure
 that comes back later closes the channel.
+
+A SOCKS5 client may go away at any moment, and browsers reset (SO_LINGER 0) a tab's
+connections as it closes, often between the request and our reply. Every write to the
+SOCKS5 socket here treats a refused write as "this connection is over": the channel is
+closed and the far end is told with Disconnect, nothing is raised.
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ class Ingress:
                 await self._relay(session, ch, sock, request, early)
         except trio.ClosedResourceError:
             pass  # the session ended under us; the channel was aborted with it
+        except OSError as exc:  # the SOCKS5 client is gone: end the channel at both ends
+            log.debug("%s: %r: the SOCKS5 client went away: %s", self.name, ch, exc)
+            ch.fail(_reason(exc))
         finally:
             ch.finish()
 
@@ -93,7 +101,7 @@ class Ingress:
             await _send_reply(sock, code)
             return
         self.opened += 1
-        await sock_sendall(sock, socks5.reply(socks5.SUCCEEDED))
+        await sock_sendall(sock, socks5.reply(socks5.SUCCEEDED))  # OSError: on_connect ends it
         ch.attach(sock)
         if early:
             await ch.send_early(early)
@@ -122,7 +130,12 @@ class Ingress:
 
 
 async def _send_reply(sock, code: int) -> None:
+    """A failure reply; the connection closes after it anyway, so a refused write is no news."""
     try:
         await sock_sendall(sock, socks5.reply(code))
     except OSError:
         pass
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc) or "connection lost").lower()

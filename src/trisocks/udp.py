@@ -14,7 +14,11 @@ The association lives as long as the SOCKS5 TCP connection, and ends after
 and so may we when a WebSocket is congested: a datagram that finds more than
 the outbox's high-water mark queued is dropped (and counted) rather than
 buffered. Fragmented SOCKS5 datagrams (FRAG != 0) are dropped, as RFC 1928
-allows, counted and logged.
+allows, counted and logged. So is a datagram for a host that cannot be one
+(:mod:`trisocks.names`), on either side, before anything resolves it.
+
+A SOCKS5 client that resets its control connection (as a browser closing a tab does)
+simply ends the association: the far end hears Disconnect.
 """
 
 from __future__ import annotations
@@ -22,18 +26,30 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import weakref
 
 import trio
 from trio.lowlevel import wait_readable
 
 from . import protocol, socks5
-from .dial import literal_family
+from .dial import literal_family, resolve
+from .names import host_error
 from .transport import close_socket, sock_recv, sock_sendall
 
 log = logging.getLogger("trisocks.udp")
 
 MAX_DATAGRAM = 65535
 IDLE_TIMEOUT = 60.0
+# UDP associations one session may have open on the side that talks to the targets. Each
+# holds up to two UDP sockets and a task for IDLE_TIMEOUT after its last datagram; a peer
+# that opens them in a loop would otherwise take file descriptors without end.
+MAX_UDP_ASSOCIATIONS = 256
+TOO_MANY_ASSOCIATIONS = "too many UDP associations"
+RESOLVE_TIMEOUT = 10.0
+# Per association: lookups under way (datagrams to further new names are dropped meanwhile,
+# so a stream of datagrams to made-up names costs bounded tasks) and names remembered.
+MAX_PENDING_LOOKUPS = 64
+MAX_RESOLVED = 1024
 
 
 class _UdpChannel:
@@ -210,8 +226,12 @@ class UdpAssociation(_UdpChannel):
 async def associate(session, control, request: socks5.Request, *, connect_timeout: float,
                     idle_timeout: float = IDLE_TIMEOUT, account=None) -> None:
     """Serve one SOCKS5 UDP ASSOCIATE over ``session``; returns when it ends."""
-    local_ip = control.getsockname()[0]
-    client_ip = control.getpeername()[0]
+    try:
+        local_ip = control.getsockname()[0]
+        client_ip = control.getpeername()[0]
+    except OSError as exc:  # ENOTCONN: the client reset the connection already
+        log.debug("UDP ASSOCIATE: the client is gone before the reply: %s", exc)
+        return
     # The request may name the client's UDP address, but clients behind NAT cannot know
     # it: like LinkSocks, learn the port from the first datagram, from the client's IP only.
     client_port = 0
@@ -232,24 +252,31 @@ async def associate(session, control, request: socks5.Request, *, connect_timeou
             await _reply(control, code)
             return
         bound_host, bound_port = udp.getsockname()[:2]
-        await sock_sendall(control, socks5.reply(socks5.SUCCEEDED, bound_host, bound_port))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ch.pump)
-
-            async def end_when(awaitable_fn):
-                await awaitable_fn()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(end_when, lambda: _until_closed(control))
-            nursery.start_soon(end_when, ch.watch_idle)
-            nursery.start_soon(end_when, ch._done.wait)
-        if not ch._done.is_set():
-            session.send_if_open(protocol.Disconnect(ch.id))
+        if not await _reply(control, socks5.SUCCEEDED, bound_host, bound_port):
+            return  # the client went away: the finally below tells the far end
+        await _relay(ch, control)
     except trio.ClosedResourceError:
         pass
     finally:
+        if not ch._done.is_set():  # we end it, not the far end: say so
+            session.send_if_open(protocol.Disconnect(ch.id))
         ch.finish()
         close_socket(udp)
+
+
+async def _relay(ch: UdpAssociation, control) -> None:
+    """Datagrams both ways until the control connection ends, the association idles out or
+    the far end ends it."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ch.pump)
+
+        async def end_when(awaitable_fn):
+            await awaitable_fn()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(end_when, lambda: _until_closed(control))
+        nursery.start_soon(end_when, ch.watch_idle)
+        nursery.start_soon(end_when, ch._done.wait)
 
 
 async def _until_closed(control) -> None:
@@ -263,11 +290,14 @@ async def _until_closed(control) -> None:
             return
 
 
-async def _reply(sock, code: int) -> None:
+async def _reply(sock, code: int, host: str = "0.0.0.0", port: int = 0) -> bool:
+    """Send a SOCKS5 reply; False when the client is gone (reset, closed)."""
     try:
-        await sock_sendall(sock, socks5.reply(code))
-    except OSError:
-        pass
+        await sock_sendall(sock, socks5.reply(code, host, port))
+    except OSError as exc:
+        log.debug("UDP ASSOCIATE: reply not delivered: %s", exc)
+        return False
+    return True
 
 
 def _same_ip(a: str, b: str) -> bool:
@@ -283,6 +313,10 @@ def _same_ip(a: str, b: str) -> bool:
 
 # -- the remote side --------------------------------------------------------------------------
 
+# session -> its open UdpEgress associations (weak: a session that is gone is forgotten)
+_associations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 
 class UdpEgress(_UdpChannel):
     """One UDP association on the side that talks to the targets."""
@@ -292,15 +326,29 @@ class UdpEgress(_UdpChannel):
         self.idle_timeout = idle_timeout
         self.sockets: dict[int, socket.socket] = {}
         self._resolved: dict[str, tuple[int, str]] = {}
+        self._lookups = 0
         self._nursery: trio.Nursery | None = None
 
     @classmethod
     def start(cls, session, channel_id: bytes, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
         if channel_id in session.channels:
             return
+        if _associations.get(session, 0) >= MAX_UDP_ASSOCIATIONS:
+            session.send_if_open(protocol.ConnectResponse(False, channel_id, TOO_MANY_ASSOCIATIONS))
+            return
         ch = cls(session, channel_id, idle_timeout)
+        _associations[session] = _associations.get(session, 0) + 1
         session.register(ch)
         session.spawn(ch.run, unit="UDP association")
+
+    def finish(self) -> None:
+        if not self.state:
+            left = _associations.get(self.session, 1) - 1
+            if left > 0:
+                _associations[self.session] = left
+            else:
+                _associations.pop(self.session, None)
+        super().finish()
 
     async def run(self) -> None:
         try:
@@ -334,13 +382,24 @@ class UdpEgress(_UdpChannel):
         return sock
 
     def on_datagram(self, msg: protocol.Data) -> None:
-        if self._nursery is None or self.state or not self.charge(len(msg.data)):
+        if self._nursery is None or self.state:
             return
         host, port = msg.target_address, msg.target_port
+        bad = host_error(host)
+        if bad is not None:
+            self.dropped += 1
+            log.debug("%r: datagram to %r dropped: %s", self, host, bad)
+            return
+        if not self.charge(len(msg.data)):
+            return
         family = literal_family(host)
         if family is None:
             cached = self._resolved.get(host)
             if cached is None:
+                if self._lookups >= MAX_PENDING_LOOKUPS:
+                    self.dropped += 1
+                    return
+                self._lookups += 1
                 self._nursery.start_soon(self._resolve_and_send, host, port, msg.data)
                 return
             family, host = cached
@@ -349,7 +408,7 @@ class UdpEgress(_UdpChannel):
     def _send(self, family: int, host: str, port: int, data: bytes) -> None:
         try:
             self._socket(family).sendto(data, (host, port))
-        except OSError as exc:
+        except (OSError, ValueError, OverflowError) as exc:  # OverflowError: a port past 65535
             self.dropped += 1
             log.debug("%r: datagram to %s:%d not sent: %s", self, host, port, exc)
             return
@@ -358,12 +417,17 @@ class UdpEgress(_UdpChannel):
 
     async def _resolve_and_send(self, name: str, port: int, data: bytes) -> None:
         try:
-            with trio.fail_after(10):
-                infos = await trio.socket.getaddrinfo(name, port, type=socket.SOCK_DGRAM)
-        except (OSError, trio.TooSlowError):
+            with trio.fail_after(RESOLVE_TIMEOUT):
+                infos = await resolve(name, port, socket.SOCK_DGRAM)
+        except (OSError, trio.TooSlowError) as exc:
             self.dropped += 1
+            log.debug("%r: datagram to %r dropped: %s", self, name, exc or "lookup timed out")
             return
+        finally:
+            self._lookups -= 1
         family, _, _, _, sockaddr = infos[0]
+        if len(self._resolved) >= MAX_RESOLVED:
+            self._resolved.clear()
         self._resolved[name] = (family, sockaddr[0])
         self._send(family, sockaddr[0], port, data)
 
