@@ -19,8 +19,6 @@ is ``parse``.
 
 from __future__ import annotations
 
-import os
-import random
 import struct
 import uuid
 import zlib
@@ -30,6 +28,7 @@ from typing import Annotated, Any, TypeAlias
 
 import msgspec
 
+from .csprng import random16
 from .errors import MessageError
 
 __all__ = [
@@ -277,16 +276,15 @@ _json_encode = msgspec.json.encode
 # --- helpers ------------------------------------------------------------------
 
 
-_ids = random.Random(os.urandom(32))
 
 
 def new_channel_id() -> bytes:
     """16 random bytes shaped as a UUID4 (LinkSocks parses them as one).
 
-    Channel ids only have to be unique within a session (a peer cannot reach another
-    session's channels), so a PRNG seeded from the OS does: no syscall per channel.
+    From the OS's CSPRNG (buffered, see csprng.py): a guessable id would let a peer that
+    shares a provider aim messages at another user's channel.
     """
-    raw = bytearray(_ids.getrandbits(128).to_bytes(16, "big"))
+    raw = bytearray(random16())
     raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
     raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
     return bytes(raw)

@@ -14,13 +14,11 @@ plumbing.
 from __future__ import annotations
 
 import logging
-import os
-import random
 
 import trio
 from trio.lowlevel import ParkingLot
 
-from . import codec, protocol
+from . import codec, csprng, protocol
 from .channel import CLOSED, OPEN, OPENING, Channel
 from .errors import MessageError, ProtocolError
 from .flow import MAX_WINDOW, WindowBudget, initial_window
@@ -118,7 +116,6 @@ class Session:
         self.bytes_in = 0
         self.bytes_out = 0
         self.unknown_data = 0
-        self._rng = random.Random(os.urandom(16))
         self._read_scope = trio.CancelScope()
         self._ping_sent_at: float | None = None
         self.rtt: float | None = None
@@ -136,7 +133,7 @@ class Session:
 
     # -- sending -------------------------------------------------------------------
     def mask_key(self):
-        return self._rng.getrandbits(32) if self.client_side else None
+        return csprng.mask_key() if self.client_side else None
 
     def send(self, msg) -> None:
         """Queue a LinkSocks message; raises trio.ClosedResourceError once the session is closing."""
@@ -483,7 +480,6 @@ async def read_message(transport, decoder, *, timeout: float, client_side: bool)
 
     Raises trio.TooSlowError when none comes in time and EOFError when the peer closes first.
     """
-    mask = random.Random(os.urandom(8)) if client_side else None
     with trio.fail_after(timeout):
         while True:
             ev = decoder.next_event()
@@ -495,7 +491,7 @@ async def read_message(transport, decoder, *, timeout: float, client_side: bool)
                     raise EOFError("connection closed")
                 decoder.feed(n)
             elif ev == codec.PING:
-                key = mask.getrandbits(32) if mask else None
+                key = csprng.mask_key() if client_side else None
                 await transport.send_all(codec.encode_frame(codec.OP_PONG, decoder.data, key))
             elif ev == codec.CLOSE:
                 reason = decoder.close_reason or f"code {decoder.close_code}"
