@@ -24,6 +24,7 @@ import secrets
 import signal
 import time
 from collections import Counter
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import trio
@@ -163,6 +164,10 @@ class Management:
 
                     self.api_port = await nursery.start(
                         serve_bound, self.app, self.api_bind, self.server.config)
+                    # the tunnel must not lead to the API's own listener either
+                    self.server.extra_listeners.append((self.api_bind[0], self.api_port))
+                    if self.resolve_client is None and self.server.trusted_proxies:
+                        self.resolve_client = self._forwarded_client
                 log.info("management plane on: %s%s", self.store.description,
                          self._api_where())
                 task_status.started(port)
@@ -170,6 +175,11 @@ class Management:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await self._flush()
                 await self.store.close()
+
+    def _forwarded_client(self, peer: str, headers) -> str:
+        """--api-bind behind a --trusted-proxy: the client as the front door would name it
+        (on the tunnel port the front door has done this already, see serving.py)."""
+        return self.server._client_ip(peer, SimpleNamespace(headers=headers))
 
     def _api_where(self) -> str:
         if self.api_key is None:
@@ -448,8 +458,7 @@ class Management:
             if isinstance(info.account, UserAccount):
                 continue
             if info.kind == REVERSE:
-                service = self.server.services.get(info.token)
-                port = service.socks.port if service is not None else (info.port or 0)
+                port = self._reverse_port(info)
                 # as LinkSocks does: connector_tokens only when there are some
                 connectors = [c.token for c in self.tokens.connectors_of(info.token)]
                 reverse.append(s.TokenStatus(
@@ -459,6 +468,14 @@ class Management:
                 forward.append(s.TokenStatus(token=info.token, type="forward",
                                              clients_count=clients[id(info)]))
         return s.StatusResponse(version=__version__, tokens=reverse + forward)
+
+    def _reverse_port(self, info: TokenInfo) -> int:
+        """A reverse token's SOCKS5 port; -1 in autonomy mode, which has none (as LinkSocks
+        reports it: providers are reached through their own connector tokens)."""
+        if info.allow_manage_connector:
+            return -1
+        service = self.server.services.get(info.token)
+        return service.socks.port if service is not None else (info.port or 0)
 
     async def _persist(self, awaitable) -> None:
         try:
@@ -533,10 +550,10 @@ class Management:
                 except ApiError:
                     self.server.remove_token(token)
                     raise
-                result = s.TokenResult(token=token, port=info.port)
+                result = s.TokenResult(token=token, port=self._reverse_port(info))
         self.events.add("token_added", token=token, role=kind, detail="API")
         log.info("API: %s token %s added%s", kind, redact(token),
-                 f" (SOCKS5 port {info.port})" if kind == REVERSE else "")
+                 f" (SOCKS5 port {result.port})" if kind == REVERSE else "")
         return result
 
     async def remove_token(self, token: str) -> s.TokenResult:

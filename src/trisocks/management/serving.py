@@ -12,6 +12,10 @@ This drives hypercorn's internals (``TCPServer``, ``WorkerContext``, ``Lifespan`
 pyproject.toml pins hypercorn's minor version, and tests/test_api_serving.py covers the
 hand-off (plain and TLS).
 
+The client address the app sees (the ASGI scope's ``client``: what failed keys are
+counted against and logged with) is the one the front door decided on, ``request.peer``:
+behind a ``--trusted-proxy`` that is the forwarded client, not the proxy.
+
 ``--api-bind HOST:PORT``: the app gets its own listener through hypercorn's public
 ``serve``; the tunnel port then answers as it does without the API.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from types import SimpleNamespace
 
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
@@ -50,16 +55,36 @@ def hypercorn_config() -> Config:
     return config
 
 
+class _SocketView:
+    """What hypercorn asks of the socket (family, both addresses), with the client address
+    the front door decided on (behind a trusted proxy: the forwarded one)."""
+
+    def __init__(self, sock, peer: tuple) -> None:
+        self._sock = sock
+        self._peer = peer
+
+    @property
+    def family(self):
+        return self._sock.family
+
+    def getpeername(self):
+        return self._peer if self._peer else self._sock.getpeername()
+
+    def getsockname(self):
+        return self._sock.getsockname()
+
+
 class _Stream:
     """A front-door connection as hypercorn's TCPServer wants a stream."""
 
-    def __init__(self, transport, first: bytes) -> None:
+    def __init__(self, transport, first: bytes, peer: tuple = ()) -> None:
         self._transport = transport
         self._first = first
+        self._peer = peer
 
     @property
     def socket(self):
-        return self._transport.sock
+        return _SocketView(self._transport.sock, self._peer)
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._first:
@@ -96,11 +121,12 @@ class _TlsStream(_Stream):
 
     @property
     def transport_stream(self):
-        return self._transport.stream.transport_stream
+        # hypercorn reads only .socket of it, for the addresses
+        return SimpleNamespace(socket=self.socket)
 
     @property
     def socket(self):
-        return self._transport.stream.transport_stream.socket
+        return _SocketView(self._transport.stream.transport_stream.socket, self._peer)
 
     async def do_handshake(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -154,7 +180,8 @@ class AsgiHandoff:
             await transport.send_all(response(503, "starting or stopping\n"))
             return
         self.connections += 1
-        stream = (_TlsStream if self.tls else _PlainStream)(transport, request.raw)
+        stream = (_TlsStream if self.tls else _PlainStream)(transport, request.raw,
+                                                            tuple(getattr(request, "peer", ())))
         server = TCPServer(self.app, self.config, self.context, ConnectionState(self.state.copy()),
                            stream)
         await server.run()
