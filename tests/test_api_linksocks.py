@@ -46,9 +46,14 @@ async def test_every_documented_example_answers_exactly_as_documented():
         port = free_port()
         r = await api.post("/api/token", json={
             "type": "reverse", "token": "my_reverse_token", "port": port, "username": "socks_user",
-            "password": "socks_pass", "allow_manage_connector": True})
+            "password": "socks_pass"})
         assert (r.status_code, r.json()) == (200, {"success": True, "token": "my_reverse_token",
                                                    "port": port})
+        # autonomy mode: no SOCKS5 port at all, -1 as LinkSocks says
+        r = await api.post("/api/token", json={"type": "reverse", "token": "my_autonomy_token",
+                                               "allow_manage_connector": True})
+        assert (r.status_code, r.json()) == (200, {"success": True, "token": "my_autonomy_token",
+                                                   "port": -1})
 
         # POST /api/token, connector
         r = await api.post("/api/token", json={"type": "connector", "token": "my_connector_token",
@@ -60,6 +65,7 @@ async def test_every_documented_example_answers_exactly_as_documented():
         body = r.json()
         assert body["version"] == __version__
         assert sorted(body["tokens"], key=lambda t: t["token"]) == [
+            {"token": "my_autonomy_token", "type": "reverse", "clients_count": 0, "port": -1},
             {"token": "my_forward_token", "type": "forward", "clients_count": 0},
             {"token": "my_reverse_token", "type": "reverse", "clients_count": 0, "port": port,
              "connector_tokens": ["my_connector_token"]},
@@ -77,6 +83,7 @@ async def test_every_documented_example_answers_exactly_as_documented():
         # the reverse token's connector goes with it
         r = await api.delete("/api/token/my_reverse_token")
         assert (r.status_code, r.json()) == (200, {"success": True, "token": "my_reverse_token"})
+        assert (await api.delete("/api/token/my_autonomy_token")).status_code == 200
         assert (await api.get("/api/status")).json() == {"version": __version__, "tokens": []}
 
         # tokens are generated when not given; ports allocated when not given

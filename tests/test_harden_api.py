@@ -262,6 +262,31 @@ async def test_the_caller_address_is_what_is_counted_and_the_hook_can_change_it(
         assert (await api.get("/api/users")).status_code == 200  # the local admin is not locked out
 
 
+@pytest.mark.parametrize("api_bind", [False, True], ids=["tunnel-port", "api-bind"])
+def test_behind_a_trusted_proxy_failures_count_against_the_forwarded_client(procs, tmp_path, api_bind):
+    extra = ["--trusted-proxy", "127.0.0.1/32", "--api-allow-remote"]
+    if api_bind:
+        extra += ["--api-bind", "127.0.0.1:0"]
+    server = start_api_server(procs, db=tmp_path / "p.db", extra=extra)
+    base = server.http_url
+    if api_bind:
+        base = server.proc.wait_for_log(r"management API listening on (http://[0-9.:]+)").group(1)
+    wrong = "wrong-key-behind-proxy"
+    fwd = {"X-Forwarded-For": "198.51.100.7"}
+    statuses = [http("GET", f"{base}/api/users", key=wrong, headers=fwd).status_code for _ in range(11)]
+    assert statuses == [401] * 10 + [429]
+    # another client of the same proxy, and the proxy's own address, are not locked out
+    other = {"X-Forwarded-For": "198.51.100.8"}
+    assert http("GET", f"{base}/api/users", key=wrong, headers=other).status_code == 401
+    assert http("GET", f"{base}/api/users", headers={"X-Forwarded-For": "198.51.100.9"}).status_code == 200
+    assert http("GET", f"{base}/api/users").status_code == 200
+    server.proc.wait_for(lambda: "198.51.100.7 is locked out for" in server.output(), "the lock-out")
+    out = server.output()
+    assert "wrong or missing API key from 198.51.100.7" in out
+    assert "wrong or missing API key from 198.51.100.8" in out
+    assert "key from 127.0.0.1" not in out
+
+
 # -- hostile requests: a 4xx, never a 500 ---------------------------------------------------------------
 
 
