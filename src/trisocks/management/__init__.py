@@ -6,7 +6,8 @@ Layout:
 ``plane.py``     :class:`Management`: owns the token table, users, events and store; runs
                  the server, the flusher and the enforcer
 ``model.py``     meters (the accounts the data path charges), users, SOCKS5 credentials
-``store.py``     the store interface and its SQLite implementation
+``store.py``     the store interface and its SQLite implementation (one server per file)
+``dates.py``     the range every date must be in, and safe conversions of stored times
 ``events.py``    the event log
 ``keys.py``      API key formats and checks, the per-address failure limit
 ``schemas.py``   every request and response body (msgspec Structs)

@@ -104,9 +104,9 @@ class Management:
         self._moved: list[tuple[TokenInfo, int | None]] = []
         self._asgi = None
         self._app = None
-        # (peer address, request headers) -> the caller's address. None: the peer itself.
-        # The hook for --trusted-proxy: the server sets it to read X-Forwarded-For or PROXY
-        # protocol from trusted proxies; failed keys are counted and logged per its answer.
+        # (peer address, request headers) -> the caller's address; None: the peer itself.
+        # Failed keys are counted and logged per its answer. On the tunnel port the front
+        # door has resolved --trusted-proxy already (serving.py); run() sets it for --api-bind.
         self.resolve_client = None
         self._auth_log = LogBudget()
 
