@@ -263,9 +263,8 @@ class Server:
                 log.info("client %s did not authenticate within %g s", peer, self.config.preauth_timeout)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.debug("connection from %s failed: %s", peer, exc)
-        except Exception as exc:  # a bug must cost one connection, never the server
-            log.error("connection from %s failed unexpectedly: %r", peer, exc)
-            log.debug("details", exc_info=True)
+        # anything else is a bug: guard.contained (around every accepted connection) reports
+        # and counts it, and it ends this connection only
         finally:
             ticket.leave()
             if transport is not None:
