@@ -943,6 +943,14 @@ LISTENERS = ["client.socks", "client.udp", "reverse.socks", "reverse.udp", "serv
 AUTH = (SOCKS_USER, SOCKS_PASS)
 
 
+_rotation = iter(range(1 << 30))
+
+
+def rotating_source() -> str:
+    n = next(_rotation) % 65000 + 1
+    return f"127.1.{n >> 8}.{n & 0xFF}"
+
+
 def campaign(stack: Stack, listener: str, known: bool
              ) -> tuple[st.SearchStrategy, Callable[[object], object]]:
     """The strategy of inputs for ``listener`` and the function that delivers one."""
@@ -960,8 +968,10 @@ def campaign(stack: Stack, listener: str, known: bool
         return upgrade_scripts(stack, known), \
             lambda s: hit_upgrade(stack.server.port, s, SRC["ws"])[:12]
     if listener == "server.ws_preauth":
+        # every input a failed authentication: spread over 127.1.0.0/16, or the per-address
+        # throttle (10 failures a minute, then 429) would answer most of them before any frame
         return ws_scripts(stack, known), \
-            lambda s: len(hit_ws(stack.server.port, s, SRC["ws"], token=None))
+            lambda s: len(hit_ws(stack.server.port, s, rotating_source(), token=None))
     if listener == "server.ws_authed":
         return ws_scripts(stack, known), \
             lambda s: len(hit_ws(stack.server.port, s, SRC["ws_auth"], token=ATTACKER_TOKEN))
