@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PY     := $(BIN)/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
-EXT    := src/trisocks/_relay$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+EXT    := src/trisocks/wire/_relay$(shell $(PYTHON) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 PYTEST_ARGS ?=
 ARGS ?=
 
@@ -28,7 +28,7 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py
 	touch $@
 
 # Rebuild the extension when the .pyx changes, without reinstalling.
-$(EXT): src/trisocks/_relay.pyx $(STAMP)
+$(EXT): src/trisocks/wire/_relay.pyx $(STAMP)
 	$(PY) setup.py --quiet build_ext --inplace
 	touch $@
 
@@ -75,4 +75,4 @@ lint: build
 	$(BIN)/ruff check src tests benchmarks scripts
 
 clean:
-	rm -rf build dist src/*.egg-info src/trisocks/_relay.c src/trisocks/_relay*.so .pytest_cache
+	rm -rf build dist src/*.egg-info src/trisocks/wire/_relay.c src/trisocks/wire/_relay*.so .pytest_cache

@@ -1,9 +1,9 @@
-"""Build the compiled hot path (trisocks._relay) with Cython.
+"""Build the compiled hot path (trisocks.wire._relay) with Cython.
 
 pyproject.toml holds the metadata; this file only declares the extension so
-that `pip install .` compiles src/trisocks/_relay.pyx.  Set
+that `pip install .` compiles src/trisocks/wire/_relay.pyx.  Set
 TRISOCKS_NO_EXTENSION=1 to build a pure-Python install (the package then runs
-its reference implementation, trisocks._relay_py).
+its reference implementation, trisocks.wire._relay_py).
 """
 
 import os
@@ -17,8 +17,8 @@ if os.environ.get("TRISOCKS_NO_EXTENSION") != "1":
     ext_modules = cythonize(
         [
             Extension(
-                "trisocks._relay",
-                ["src/trisocks/_relay.pyx"],
+                "trisocks.wire._relay",
+                ["src/trisocks/wire/_relay.pyx"],
                 extra_compile_args=["-O3"],
             )
         ],

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from trisocks.tokens import generate
+from trisocks.tunnel.tokens import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 STATE = ROOT / ".run"

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
-from trisocks.client import Client, ClientConfig
-from trisocks.errors import AuthError
 from trisocks.management import ApiKey, Management, MemoryStore
-from trisocks.server import Server, ServerConfig
+from trisocks.tunnel.client import Client, ClientConfig
+from trisocks.tunnel.server import Server, ServerConfig
+from trisocks.wire.errors import AuthError
 
 from .support.peers import HOST, Peer
 from .support.procs import ProcessFactory

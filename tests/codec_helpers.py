@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
-from trisocks import _relay_py
-from trisocks.errors import ProtocolError
+from trisocks.wire import _relay_py
+from trisocks.wire.errors import ProtocolError
 
 try:
-    from trisocks import _relay
+    from trisocks.wire import _relay
 except ImportError:
     if os.environ.get("TRISOCKS_REQUIRE_COMPILED", "") not in ("", "0"):
         raise

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import trio
 
-from trisocks import protocol, socks5
-from trisocks.client import Client, ClientConfig
-from trisocks.codec import Decoder, encode_frame
-from trisocks.server import Server, ServerConfig
-from trisocks.tokens import TokenTable
+from trisocks.tunnel.client import Client, ClientConfig
+from trisocks.tunnel.server import Server, ServerConfig
+from trisocks.tunnel.tokens import TokenTable
+from trisocks.wire import protocol, socks5
+from trisocks.wire.codec import Decoder, encode_frame
 
 TOKEN = "test-token-0123456789"
 
@@ -218,7 +218,7 @@ class RawPeer:
 
     async def next(self):
         """The next event: ('message', bytes) / ('ping'|'pong', bytes) / ('close', code) / ('eof', None)."""
-        from trisocks import codec
+        from trisocks.wire import codec
 
         while True:
             ev = self.decoder.next_event()

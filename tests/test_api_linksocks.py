@@ -11,8 +11,8 @@ import sys
 import pytest
 import trio
 
-from trisocks import protocol
 from trisocks._version import __version__
+from trisocks.wire import protocol
 
 from .api_support import KEY, http, running_api, start_api_server, wait_until
 from .inproc import RawPeer, Socks5Failure, echo_handler, echo_roundtrip, serve_tcp, socks_connect

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from trisocks.tokens import digest
+from trisocks.tunnel.tokens import digest
 
 from .api_support import MiB, running_api, wait_until
 from .inproc import echo_handler, echo_roundtrip, firehose_handler, serve_tcp

@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 
 import trio
 
-from trisocks import protocol, socks5
 from trisocks._version import __version__
+from trisocks.wire import protocol, socks5
 
 from .api_support import MiB, running_api, wait_until
 from .inproc import (

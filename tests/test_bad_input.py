@@ -13,8 +13,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from trisocks import protocol
-from trisocks.channel import CLOSED
+from trisocks.net.channel import CLOSED
+from trisocks.wire import protocol
 
 from .inproc import (
     RawPeer,
@@ -302,14 +302,14 @@ async def test_duplicate_channel_id_is_refused(env):
 
 def test_channel_state_constants_are_ordered():
     # deliver() relies on CLOSED being the last state
-    from trisocks import channel
+    from trisocks.net import channel
 
     assert channel.OPENING < channel.OPEN < channel.LOCAL_CLOSED < channel.REMOTE_CLOSED < CLOSED
 
 
 async def test_channel_limit_per_session(env, monkeypatch):
     tunnel, echo_port = env
-    from trisocks import session as session_module
+    from trisocks.net import session as session_module
 
     monkeypatch.setattr(session_module, "MAX_CHANNELS", 3)
     peer = await RawPeer.connect(tunnel.ws_port)
@@ -327,7 +327,7 @@ async def test_channel_limit_per_session(env, monkeypatch):
 
 async def test_repeated_wrong_tokens_get_429(env):
     tunnel, echo_port = env
-    from trisocks.throttle import FailureLimiter
+    from trisocks.tunnel.throttle import FailureLimiter
 
     tunnel.server.auth_limiter = FailureLimiter(max_failures=3, window=60)
     for _ in range(3):

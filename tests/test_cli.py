@@ -112,7 +112,7 @@ def test_hash_key_prints_a_form_the_server_accepts(scheme):
 
 
 _HIDE_EXTENSION = (
-    "import sys; sys.modules['trisocks._relay'] = None\n"  # as if the extension were not built
+    "import sys; sys.modules['trisocks.wire._relay'] = None\n"  # as if the extension were not built
     "from trisocks.cli import main\n"
     "sys.exit(main(['version']))\n"
 )
@@ -182,8 +182,8 @@ def test_server_without_token_prints_a_generated_one_that_works(trisocks_server,
 
 def test_generated_tokens_and_keys_never_start_with_a_dash(monkeypatch):
     # one url-safe token in 64 starts with "-", and "client -t -abc..." is a usage error
-    from trisocks import tokens
     from trisocks.management.plane import new_user_key
+    from trisocks.tunnel import tokens
 
     draws = iter(["-looks-like-a-flag", "_fine-token", "-again", "fine-key"])
     monkeypatch.setattr(tokens.secrets, "token_urlsafe", lambda nbytes: next(draws))

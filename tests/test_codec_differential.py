@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trisocks.errors import ProtocolError
+from trisocks.wire.errors import ProtocolError
 
 from . import codec_helpers as H
 from .codec_helpers import _relay, _relay_py

@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from trisocks import _relay_py
+from trisocks.wire import _relay_py
 
 try:
-    from trisocks import _relay
+    from trisocks.wire import _relay
 except ImportError:  # the pure twin alone still gets tested
     _relay = None
 

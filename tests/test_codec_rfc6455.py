@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from trisocks.errors import ProtocolError
+from trisocks.wire.errors import ProtocolError
 
 from . import codec_helpers as H
 from .codec_helpers import OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, build_frame

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from trisocks.client import split_url_token, url_auth_resource
+from trisocks.tunnel.client import split_url_token, url_auth_resource
 
 from .support import curl, free_port, payload_sha256, start_trisocks_server, trisocks_cmd
 from .support.peers import (
@@ -143,8 +143,8 @@ def test_sigterm_provider_leaves_pool_at_once(procs, payload_server):
 
 FAULTY_CLIENT = """
 import sys
-import trisocks.client as c
-import trisocks.session as s
+import trisocks.tunnel.client as c
+import trisocks.net.session as s
 
 def fail_once(name, original):
     fired = []

@@ -141,7 +141,7 @@ async def test_half_close_from_target_delivers_everything(nursery):
 async def test_slow_reader_gets_everything_after_the_target_closed(nursery, monkeypatch, flow):
     """The target sends it all and closes at once; the SOCKS5 program reads slowly for far
     longer than any linger. Every byte must still arrive (regression: the tail was dropped)."""
-    from trisocks import channel as channel_module
+    from trisocks.net import channel as channel_module
 
     monkeypatch.setattr(channel_module, "LINGER", 0.3)
     answer = os.urandom(6 << 20)

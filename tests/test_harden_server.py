@@ -20,9 +20,9 @@ import urllib.request
 from base64 import b64encode
 from contextlib import contextmanager
 
-from trisocks import codec, protocol
-from trisocks.codec import Decoder, encode_frame
-from trisocks.throttle import FailureLimiter
+from trisocks.tunnel.throttle import FailureLimiter
+from trisocks.wire import codec, protocol
+from trisocks.wire.codec import Decoder, encode_frame
 
 from .support.curl import curl
 from .support.payload import payload_sha256

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from trisocks import codec, protocol
+from trisocks.wire import codec, protocol
 
 from .support import curl, payload_sha256
 from .support.peers import (

@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from trisocks import protocol
-from trisocks.dial import is_own_listener
+from trisocks.net.dial import is_own_listener
+from trisocks.wire import protocol
 
 from .support import curl, payload_sha256
 from .support.peers import (

@@ -9,24 +9,25 @@ import sys
 
 import pytest
 
-from trisocks import channel, codec, session
+from trisocks.net import channel, session
+from trisocks.wire import codec
 
 from .inproc import echo_handler, echo_roundtrip, serve_tcp, start_tunnel
 
-COMPILED_BUILT = importlib.util.find_spec("trisocks._relay") is not None
+COMPILED_BUILT = importlib.util.find_spec("trisocks.wire._relay") is not None
 
 
 def require_compiled() -> None:
     if COMPILED_BUILT:
         return
     if os.environ.get("CI") or os.environ.get("TRISOCKS_REQUIRE_COMPILED"):
-        pytest.fail("the compiled extension trisocks._relay is not built")
-    pytest.skip("trisocks._relay is not built here (run `make build`)")
+        pytest.fail("the compiled extension trisocks.wire._relay is not built")
+    pytest.skip("trisocks.wire._relay is not built here (run `make build`)")
 
 
 def test_codec_uses_the_extension():
     require_compiled()
-    from trisocks import _relay
+    from trisocks.wire import _relay
 
     assert codec.IMPLEMENTATION == "compiled"
     assert codec.Decoder is _relay.Decoder
@@ -39,7 +40,7 @@ def test_codec_uses_the_extension():
 
 async def test_live_sessions_decode_with_the_extension(nursery):
     require_compiled()
-    from trisocks import _relay
+    from trisocks.wire import _relay
 
     tunnel = await start_tunnel(nursery)
     echo = await serve_tcp(nursery, echo_handler)

@@ -9,11 +9,11 @@ import socket
 import pytest
 import trio
 
-from trisocks import protocol, socks5
-from trisocks.client import Client, ClientConfig
-from trisocks.errors import AuthError, TunnelError
-from trisocks.server import Server, ServerConfig
-from trisocks.tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable
+from trisocks.tunnel.client import Client, ClientConfig
+from trisocks.tunnel.server import Server, ServerConfig
+from trisocks.tunnel.tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable
+from trisocks.wire import protocol, socks5
+from trisocks.wire.errors import AuthError, TunnelError
 
 from .inproc import (
     TOKEN,
@@ -183,7 +183,7 @@ async def test_hung_provider_is_skipped(nursery):
     await hung.send_message(protocol.Auth(REV, True, os.urandom(16)))
     pool = server.services[REV].pool
     await wait_for(lambda: len(pool) == 2)
-    from trisocks import pool as pool_module
+    from trisocks.tunnel import pool as pool_module
 
     hung_port = hung.sock.getsockname()[1]
     hung_session = next(s for s in pool if s.name.endswith(f":{hung_port}"))
@@ -504,8 +504,8 @@ async def test_no_reconnect_exits_on_loss(nursery):
 async def test_agent_mode_slow_reader_gets_everything(nursery, monkeypatch):
     import hashlib
 
-    from trisocks import bridge as bridge_module
-    from trisocks import channel as channel_module
+    from trisocks.net import channel as channel_module
+    from trisocks.tunnel import bridge as bridge_module
 
     monkeypatch.setattr(channel_module, "LINGER", 0.3)
     monkeypatch.setattr(bridge_module, "LINGER", 0.3)

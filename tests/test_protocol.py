@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from trisocks import protocol as p
-from trisocks.errors import MessageError
+from trisocks.wire import protocol as p
+from trisocks.wire.errors import MessageError
 
 CH = bytes.fromhex("00112233445566778899aabbccddeeff")
 INSTANCE = bytes.fromhex("0f0e0d0c0b0a09080706050403020100")

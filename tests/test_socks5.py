@@ -13,9 +13,9 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trisocks import socks5 as s
-from trisocks.names import host_error
-from trisocks.socks5 import Request, Socks5Error
+from trisocks.wire import socks5 as s
+from trisocks.wire.names import host_error
+from trisocks.wire.socks5 import Request, Socks5Error
 
 
 def feed(parse: Callable[[Any], Any], data: bytes) -> Any:

@@ -3,7 +3,7 @@
 The proxies here are small Trio servers written for the test (SOCKS5 with or without
 RFC 1929 auth, HTTP CONNECT with optional Basic auth, and a scripted one that answers
 fixed bytes or nothing). They parse the wire format by hand rather than through
-trisocks.socks5, so a mistake there is not mirrored here. All on 127.0.0.1.
+trisocks.wire.socks5, so a mistake there is not mirrored here. All on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from trisocks import socks5
-from trisocks.transport import close_socket, sock_recv, sock_sendall
-from trisocks.upstream import (
+from trisocks.net.transport import close_socket, sock_recv, sock_sendall
+from trisocks.net.upstream import (
     Proxy,
     UpstreamError,
     no_proxy_matches,
@@ -30,6 +29,7 @@ from trisocks.upstream import (
     parse_proxy,
     proxy_from_env,
 )
+from trisocks.wire import socks5
 
 BANNER = b"220 target speaks first\r\n"
 TIMEOUT = 5.0  # generous: only the timeout tests rely on a deadline passing

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from trisocks.client import Client, ClientConfig
-from trisocks.egress import proxy_dialer
-from trisocks.upstream import parse_proxy
+from trisocks.net.upstream import parse_proxy
+from trisocks.tunnel.client import Client, ClientConfig
+from trisocks.tunnel.egress import proxy_dialer
 
 from .inproc import TOKEN, echo_handler, echo_roundtrip, serve_tcp, start_tunnel
 from .test_upstream import HttpProxy, Socks5Proxy, start

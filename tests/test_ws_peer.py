@@ -2,7 +2,7 @@
 
 The tunnel's own codec does the framing on both sides, so these tests check it against a
 third party's reading of RFC 6455: a trio-websocket client speaks LinkSocks messages (built
-by hand from PROTOCOL.md, not with trisocks.protocol) to a trisocks server, and a
+by hand from PROTOCOL.md, not with trisocks.wire.protocol) to a trisocks server, and a
 trio-websocket server plays the LinkSocks server for a trisocks client, whose frames must
 be masked and well formed or wsproto would close the connection.
 """
@@ -15,7 +15,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url, serve_websocket
 
-from trisocks.client import Client, ClientConfig
+from trisocks.tunnel.client import Client, ClientConfig
 
 from .inproc import TOKEN, echo_handler, serve_tcp, socks_connect, start_tunnel
 

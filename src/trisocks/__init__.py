@@ -1,6 +1,6 @@
 """trisocks: a SOCKS5-over-WebSocket tunnel on Trio, wire-compatible with LinkSocks."""
 
 from ._version import __version__
-from .codec import IMPLEMENTATION
+from .wire.codec import IMPLEMENTATION
 
 __all__ = ["__version__", "IMPLEMENTATION"]

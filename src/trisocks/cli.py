@@ -16,7 +16,7 @@ import sys
 import trio
 
 from . import IMPLEMENTATION, __version__
-from .errors import AuthError, TunnelError
+from .wire.errors import AuthError, TunnelError
 
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -332,8 +332,8 @@ def _management(args):
 
 
 def cmd_server(args) -> int:
-    from .server import Server, ServerConfig
-    from .tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable, generate, redact
+    from .tunnel.server import Server, ServerConfig
+    from .tunnel.tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable, generate, redact
 
     _credentials_pair(args)
     if not args.reverse and (args.connector_token or args.connector_autonomy):
@@ -372,8 +372,8 @@ def cmd_server(args) -> int:
         usage_error(f"{exc}")
     if args.tls_key and not args.tls_cert:
         usage_error("--tls-key needs --tls-cert")
-    from .egress import direct_dialer, proxy_dialer
-    from .upstream import parse_proxy
+    from .net.upstream import parse_proxy
+    from .tunnel.egress import direct_dialer, proxy_dialer
 
     dialer = direct_dialer
     if args.upstream_proxy:
@@ -414,7 +414,7 @@ def cmd_server(args) -> int:
 
 
 def cmd_client(args) -> int:
-    from .client import Client, ClientConfig
+    from .tunnel.client import Client, ClientConfig
 
     _credentials_pair(args)
     if args.threads < 1:

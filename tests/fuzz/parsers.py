@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 with atheris.instrument_imports(include=["trisocks"]):
-    from trisocks import _relay_py, protocol, socks5
-    from trisocks.errors import MessageError
+    from trisocks.wire import _relay_py, protocol, socks5
+    from trisocks.wire.errors import MessageError
 
 from tests import codec_helpers as H  # noqa: E402
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from hypothesis import strategies as st
 
-from trisocks import protocol
+from trisocks.wire import protocol
 
 from . import peers
 from .curl import curl

@@ -33,8 +33,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from .. import guard
 from .._version import __version__
+from ..net import guard
 from . import schemas
 from .dates import RANGE, in_range
 from .keys import presented_keys

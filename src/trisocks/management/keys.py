@@ -27,8 +27,8 @@ import time
 import bcrypt
 import trio
 
-from ..throttle import FailureLimiter  # noqa: F401 - part of this module's API
-from ..tokens import generate as new_secret
+from ..tunnel.throttle import FailureLimiter  # noqa: F401 - part of this module's API
+from ..tunnel.tokens import generate as new_secret
 
 SCHEMES = ("sha256:", "pbkdf2:", "scrypt:", "$2")
 _BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 
-from .. import IMPLEMENTATION, guard
+from .. import IMPLEMENTATION
 from .._version import __version__
-from ..tokens import digest
+from ..net import guard
+from ..tunnel.tokens import digest
 from .model import TokenMeter
 
 

@@ -1,7 +1,7 @@
 """Accounts: what the data path meters traffic to, and what decides whether it may flow.
 
 Every token and every user of a server with the management plane on has a meter. The
-data path calls it (see trisocks.channel):
+data path calls it (see trisocks.net.channel):
 
 * ``charge(n) -> bool`` for every read or Data piece: an add and a compare, nothing else.
   False once the limit is crossed; the channel then closes itself.
@@ -21,8 +21,8 @@ from __future__ import annotations
 import hmac
 import time
 
-from ..socks_server import Credentials
-from ..tokens import TokenInfo, TokenTable
+from ..tunnel.socks_server import Credentials
+from ..tunnel.tokens import TokenInfo, TokenTable
 
 UNLIMITED = 1 << 62
 

@@ -29,11 +29,11 @@ from urllib.parse import urlsplit
 
 import trio
 
-from .. import guard
 from .._version import __version__
-from ..socks_server import Credentials
-from ..tokens import CONNECTOR, FORWARD, RESERVED, REVERSE, TokenInfo, generate, redact
-from ..transport import bind_tcp
+from ..net import guard
+from ..net.transport import bind_tcp
+from ..tunnel.socks_server import Credentials
+from ..tunnel.tokens import CONNECTOR, FORWARD, RESERVED, REVERSE, TokenInfo, generate, redact
 from . import schemas as s
 from .app import ApiError
 from .dates import rfc3339
@@ -121,7 +121,7 @@ class Management:
 
     def create_server(self, config):
         """The tunnel server, with this plane's token table and hooks."""
-        from ..server import Server
+        from ..tunnel.server import Server
 
         http_app = None
         if self.api_key is not None and self.api_bind is None:

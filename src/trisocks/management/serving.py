@@ -35,7 +35,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
-from ..handshake import response
+from ..net.handshake import response
 
 log = logging.getLogger("trisocks.management.http")
 

@@ -2,7 +2,7 @@
 
 The client (forward mode) and the server (reverse mode) both run one. The
 handshake (greeting, optional RFC 1929 username/password, request) uses the
-sans-IO parsers in :mod:`trisocks.socks5`; the CONNECT (and later UDP
+sans-IO parsers in :mod:`trisocks.wire.socks5`; the CONNECT (and later UDP
 ASSOCIATE) handler is the role's. A malformed or slow handshake closes only
 that connection.
 """
@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from . import socks5
+from ..net.transport import accept_loop, bind_tcp, close_socket, sock_recv, sock_sendall
+from ..wire import socks5
 from .throttle import FailureLimiter
-from .transport import accept_loop, bind_tcp, close_socket, sock_recv, sock_sendall
 
 log = logging.getLogger("trisocks.socks")
 

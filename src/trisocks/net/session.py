@@ -18,9 +18,9 @@ import logging
 import trio
 from trio.lowlevel import ParkingLot
 
-from . import codec, csprng, protocol
+from ..wire import codec, csprng, protocol
+from ..wire.errors import MessageError, ProtocolError
 from .channel import CLOSED, OPEN, OPENING, Channel
-from .errors import MessageError, ProtocolError
 from .flow import MAX_WINDOW, WindowBudget, initial_window
 from .guard import contained, report
 from .outbox import Outbox
@@ -507,7 +507,7 @@ def _summary(msg) -> str:
         if name in ("channel", "instance"):
             value = protocol.channel_str(value)[:8]
         elif name == "token":
-            from .tokens import redact
+            from ..tunnel.tokens import redact
 
             value = redact(value)
         elif isinstance(value, bytes):

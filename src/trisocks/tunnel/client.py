@@ -4,7 +4,7 @@
   channel on one of our sessions to the server (the server dials the target,
   or, for a connector token, hands the channel to a provider).
 * **provider** (``reverse``): no local port; the server sends us Connect
-  requests and we dial the targets (:class:`~trisocks.egress.Egress`). With
+  requests and we dial the targets (:class:`~trisocks.tunnel.egress.Egress`). With
   ``connector_token`` we also register that token with the server (autonomy
   mode).
 
@@ -30,20 +30,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import trio
 
-from . import protocol
-from .codec import OP_BINARY, Decoder, ProtocolError, encode_frame
-from .dial import dial_tcp
+from ..net.dial import dial_tcp
+from ..net.guard import PEER_ERRORS, report
+from ..net.handshake import HandshakeError, client_handshake, offers_eof, parse_window
+from ..net.session import DEFAULT_WINDOW, RECV_BUFFER, Handler, Session, read_message
+from ..net.transport import SocketTransport, close_socket, tls_wrap
+from ..net.upstream import open_via, parse_proxy, proxy_from_env
+from ..wire import protocol
+from ..wire.codec import OP_BINARY, Decoder, ProtocolError, encode_frame
+from ..wire.errors import AuthError, MessageError, TunnelError
 from .egress import Egress
-from .errors import AuthError, MessageError, TunnelError
-from .guard import PEER_ERRORS, report
-from .handshake import HandshakeError, client_handshake, offers_eof, parse_window
 from .ingress import Ingress
 from .pool import SessionPool
-from .session import DEFAULT_WINDOW, RECV_BUFFER, Handler, Session, read_message
 from .socks_server import Credentials, SocksServer
 from .tokens import redact
-from .transport import SocketTransport, close_socket, tls_wrap
-from .upstream import open_via, parse_proxy, proxy_from_env
 
 log = logging.getLogger("trisocks.client")
 

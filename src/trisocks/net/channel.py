@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING
 import trio
 from trio.lowlevel import ParkingLot, checkpoint, wait_readable, wait_writable
 
-from . import protocol
-from .codec import HEADROOM, OP_BINARY, encode_data, encode_frame
+from ..wire import protocol
+from ..wire.codec import HEADROOM, OP_BINARY, encode_data, encode_frame
 from .transport import IOV_MAX, close_socket
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ else:
         if _require:
             raise ImportError(
                 "TRISOCKS_REQUIRE_COMPILED is set but the compiled extension "
-                f"trisocks._relay cannot be imported ({exc}); build it with `make build`"
+                f"trisocks.wire._relay cannot be imported ({exc}); build it with `make build`"
             ) from exc
         from . import _relay_py as impl
 

@@ -23,7 +23,7 @@ import h11
 import trio
 from wsproto.utilities import generate_accept_token
 
-from ._version import __version__
+from .._version import __version__
 from .flow import initial_window
 
 MAX_HEAD = 16 << 10

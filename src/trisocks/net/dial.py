@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import trio
 from trio.lowlevel import RunVar, wait_writable
 
-from .names import BadHostName, ascii_host
+from ..wire.names import BadHostName, ascii_host
 from .transport import close_socket, tune_socket
 
 # Name lookups at once. getaddrinfo blocks a worker thread for as long as a resolver takes

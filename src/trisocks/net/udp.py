@@ -15,7 +15,7 @@ and so may we when a WebSocket is congested: a datagram that finds more than
 the outbox's high-water mark queued is dropped (and counted) rather than
 buffered. Fragmented SOCKS5 datagrams (FRAG != 0) are dropped, as RFC 1928
 allows, counted and logged. So is a datagram for a host that cannot be one
-(:mod:`trisocks.names`), on either side, before anything resolves it.
+(:mod:`trisocks.wire.names`), on either side, before anything resolves it.
 
 A SOCKS5 client that resets its control connection (as a browser closing a tab does)
 simply ends the association: the far end hears Disconnect.
@@ -31,9 +31,9 @@ import weakref
 import trio
 from trio.lowlevel import wait_readable
 
-from . import protocol, socks5
+from ..wire import protocol, socks5
+from ..wire.names import host_error
 from .dial import literal_family, resolve
-from .names import host_error
 from .transport import close_socket, sock_recv, sock_sendall
 
 log = logging.getLogger("trisocks.udp")

@@ -26,7 +26,7 @@ from urllib.parse import quote, unquote
 
 import trio
 
-from . import socks5
+from ..wire import socks5
 from .dial import dial_tcp
 from .transport import close_socket, sock_recv, sock_sendall
 

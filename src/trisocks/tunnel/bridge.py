@@ -4,7 +4,7 @@ A connector sends Connect; the server forwards it, with the same channel id,
 to a provider of the reverse token behind the connector token, and from then
 on relays every message of that channel between the two sessions. Each
 session sees a :class:`BridgeEnd` in its channel table where it would
-otherwise see a socket-backed :class:`~trisocks.channel.Channel`; the two
+otherwise see a socket-backed :class:`~trisocks.net.channel.Channel`; the two
 ends share one :class:`Bridge`.
 
 Memory stays bounded the same way as for sockets: an end only sends as much
@@ -21,9 +21,9 @@ import logging
 import trio
 from trio.lowlevel import ParkingLot
 
-from . import protocol
-from .channel import CHUNK, LINGER, UNLIMITED
-from .codec import HEADROOM, encode_data
+from ..net.channel import CHUNK, LINGER, UNLIMITED
+from ..wire import protocol
+from ..wire.codec import HEADROOM, encode_data
 
 log = logging.getLogger("trisocks.bridge")
 

@@ -11,7 +11,7 @@ its role:
   a :class:`ReverseService`: a SOCKS5 port whose connections go round-robin to
   its providers.
 * **connector** token: the client's channels are relayed to a provider of the
-  reverse token behind it (:mod:`trisocks.bridge`). In autonomy mode providers
+  reverse token behind it (:mod:`trisocks.tunnel.bridge`). In autonomy mode providers
   create connector tokens themselves, and those reach only their creator.
 """
 
@@ -29,10 +29,21 @@ from dataclasses import dataclass, field
 
 import trio
 
-from . import protocol
-from ._version import __version__
-from .bridge import Bridge
-from .codec import (
+from .._version import __version__
+from ..net.handshake import (
+    FLOW_HEADER,
+    HandshakeError,
+    Request,
+    accept_websocket,
+    error_response,
+    offers_eof,
+    read_request,
+    response,
+)
+from ..net.session import DEFAULT_WINDOW, RECV_BUFFER, ChannelGroup, Handler, Session
+from ..net.transport import SocketTransport, accept_loop, close_socket, listen_on, tls_wrap
+from ..wire import protocol
+from ..wire.codec import (
     CLOSE,
     MESSAGE,
     NEED_DATA,
@@ -45,25 +56,14 @@ from .codec import (
     ProtocolError,
     encode_frame,
 )
+from ..wire.errors import MessageError
+from .bridge import Bridge
 from .egress import Egress, direct_dialer
-from .errors import MessageError
-from .handshake import (
-    FLOW_HEADER,
-    HandshakeError,
-    Request,
-    accept_websocket,
-    error_response,
-    offers_eof,
-    read_request,
-    response,
-)
 from .ingress import Ingress
 from .pool import SessionPool
-from .session import DEFAULT_WINDOW, RECV_BUFFER, ChannelGroup, Handler, Session
 from .socks_server import Credentials, SocksServer
 from .throttle import FailureLimiter, TokenBucket, address_key
 from .tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, TokenTable, generate, redact
-from .transport import SocketTransport, accept_loop, close_socket, listen_on, tls_wrap
 
 log = logging.getLogger("trisocks.server")
 

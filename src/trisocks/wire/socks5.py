@@ -116,7 +116,7 @@ def _parse_address(
     """ATYP-specific DST/BND address plus port at ``pos``: (host, port, end).
 
     With ``check`` a domain name must be one a resolver can be asked about
-    (:func:`trisocks.names.check_host`): a destination is checked here, once, so that
+    (:func:`trisocks.wire.names.check_host`): a destination is checked here, once, so that
     nothing downstream meets a NUL, an empty or overlong label or a non-IDNA name.
     """
     if atyp == ATYP_IPV4:

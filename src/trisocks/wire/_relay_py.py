@@ -17,7 +17,7 @@ Decoder events (returned by ``Decoder.next_event``):
 ``PING``/``PONG``  control frames, payload in ``data``.
 ``CLOSE``      close frame: ``close_code`` (1005 when absent) and ``close_reason``.
 
-Framing violations raise :class:`trisocks.errors.ProtocolError` carrying the
+Framing violations raise :class:`trisocks.wire.errors.ProtocolError` carrying the
 close code to answer with.
 """
 

@@ -19,10 +19,10 @@ import logging
 
 import trio
 
-from . import protocol, socks5
-from .channel import Channel
+from ..net.channel import Channel
+from ..net.transport import sock_sendall
+from ..wire import protocol, socks5
 from .pool import SessionPool
-from .transport import sock_sendall
 
 log = logging.getLogger("trisocks.ingress")
 
@@ -68,7 +68,7 @@ class Ingress:
 
     async def on_udp(self, sock, request: socks5.Request, early: bytes, account=None) -> None:
         """SOCKS5 UDP ASSOCIATE: a UDP relay next to this TCP connection, for as long as it lasts."""
-        from .udp import associate
+        from ..net.udp import associate
 
         refused = account.refuse_reason() if account is not None else None
         if refused:

@@ -3,9 +3,9 @@
 A forward-mode server and a provider (reverse mode) do the same job, so both
 use :class:`Egress` as their session handler. TCP channels are dialed with
 the configured dialer (direct, or through an upstream proxy); UDP channels
-get a socket of their own (see :mod:`trisocks.udp`).
+get a socket of their own (see :mod:`trisocks.net.udp`).
 
-The target comes from a peer: its host is checked (:func:`trisocks.names.host_error`)
+The target comes from a peer: its host is checked (:func:`trisocks.wire.names.host_error`)
 before anything resolves it, a dial may fail in any way a bad host allows without
 costing more than that channel, and a direct dial never leads back into this process
 (``own_listeners``: the management API must not see a tunnel user as a local caller).
@@ -18,12 +18,12 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-from . import protocol, socks5
-from .channel import OPENING, Channel
-from .dial import dial_tcp, is_own_listener
-from .names import host_error
-from .session import Handler, Session
-from .transport import close_socket
+from ..net.channel import OPENING, Channel
+from ..net.dial import dial_tcp, is_own_listener
+from ..net.session import Handler, Session
+from ..net.transport import close_socket
+from ..wire import protocol, socks5
+from ..wire.names import host_error
 
 log = logging.getLogger("trisocks.egress")
 
@@ -49,7 +49,7 @@ async def direct_dialer(host: str, port: int, timeout: float, refuse=None):
 
 def proxy_dialer(proxy) -> Dialer:
     """Reach every target through an upstream SOCKS5 or HTTP CONNECT proxy."""
-    from .upstream import open_via
+    from ..net.upstream import open_via
 
     async def dial(host: str, port: int, timeout: float):
         return await open_via(proxy, host, port, timeout=timeout)
@@ -85,7 +85,7 @@ class Egress(Handler):
                 _Pending.dials += 1  # counted now: one read may bring many Connects at once
                 session.spawn(self._dial_and_relay, session, ch, msg, unit=f"dial {ch.target}")
         else:
-            from .udp import UdpEgress
+            from ..net.udp import UdpEgress
 
             UdpEgress.start(session, msg.channel, idle_timeout=self.udp_idle_timeout)
 

@@ -11,7 +11,7 @@ does any I/O, so both serve the client, the server and the tests alike.
 
 ``pack`` refuses (``ValueError``) anything the wire cannot carry exactly, so that
 ``parse(pack(m)) == m`` holds for every message it accepts. ``parse`` raises
-nothing but :class:`~trisocks.errors.MessageError`, whatever the input: a peer
+nothing but :class:`~trisocks.wire.errors.MessageError`, whatever the input: a peer
 must never be able to crash a connection with a malformed message. Where
 LinkSocks is lenient (trailing bytes, a minor version bump, an unknown type), so
 is ``parse``.
