@@ -37,19 +37,19 @@ channel waits for the far end's Disconnect for as long as bytes keep arriving.
 from __future__ import annotations
 
 import logging
-import socket
 from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
-from trio.lowlevel import ParkingLot, checkpoint, wait_readable, wait_writable
+from trio.lowlevel import ParkingLot, checkpoint, wait_readable
 
 from ..wire import protocol
 from ..wire.codec import HEADROOM, OP_BINARY, encode_data, encode_frame
-from .transport import IOV_MAX, close_socket
+from .delivery import CLOSED, LOCAL_CLOSED, OPEN, OPENING, REMOTE_CLOSED, Delivery
+from .transport import close_socket
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .contracts import ChannelHost
 
 log = logging.getLogger("trisocks.channel")
 
@@ -67,13 +67,7 @@ EOF_IDLE = 5.0
 # byte, allow it time to write them at this (modest, for loopback) rate, up to EOF_DRAIN_MAX.
 PEER_DRAIN_RATE = 200e6
 EOF_DRAIN_MAX = 2.0
-DRAIN_STALL = 30.0  # a reader that takes nothing this long after its peer closed is given up
-# Held bytes at least this long stay views into the decoder's buffer rather than copies; the
-# floor keeps a 256 KiB buffer from being kept alive for a few bytes (at most 4x overhead).
-PIN_MIN = 64 << 10
 UNLIMITED = 1 << 62
-
-OPENING, OPEN, LOCAL_CLOSED, REMOTE_CLOSED, CLOSED = range(5)
 
 
 class BufferPool:
@@ -100,14 +94,14 @@ class BufferPool:
 BUFFERS = BufferPool(HEADROOM + CHUNK, keep=8)  # at most 8 MiB of spare buffers
 
 
-# An account (see Session.register) is charged for every byte a channel moves, in
-# the data path itself, so a traffic limit holds to within one read (256 KiB):
-#   charge(n) -> bool        False once the limit is crossed: the channel is closed
-#   refuse_reason() -> str   why (None while all is well)
-#   opened(ch) / closed(ch)  a channel starts / ends (its uploaded/downloaded are final)
+# An account (contracts.Account) is charged for every byte a channel moves, in the data
+# path itself, so a traffic limit holds to within one read.
 
 
-class Channel:
+class Channel(Delivery):
+    """One TCP connection carried as a channel: opening, the socket -> tunnel pump, closing;
+    the tunnel -> socket half is :class:`~trisocks.net.delivery.Delivery`."""
+
     __slots__ = (
         "id", "session", "sock", "state", "pending", "held", "credit", "limit", "error",
         "bytes_up", "bytes_down", "_unacked", "_lot", "_pump_scope",
@@ -115,7 +109,7 @@ class Channel:
         "target", "account", "ingress", "window", "_eof_in",
     )
 
-    def __init__(self, session: Session, channel_id: bytes, target: str = "") -> None:
+    def __init__(self, session: ChannelHost, channel_id: bytes, target: str = "") -> None:
         self.id = channel_id
         self.session = session
         self.sock = None
@@ -133,7 +127,7 @@ class Channel:
         self.bytes_up = 0  # socket -> tunnel
         self.bytes_down = 0  # tunnel -> socket
         self.target = target
-        self.account = None  # set by Session.register
+        self.account = None  # set by the session's register() (an Account, see contracts.py)
         self.ingress = False  # True when our socket is the user's (SOCKS5 side), False for a target
         self._unacked = 0
         # one lot for both waits (the pump for credit, the read loop for space): both are
@@ -187,129 +181,7 @@ class Channel:
         elif self._eof_in:
             self._end_output()
 
-    # -- tunnel -> socket ------------------------------------------------------------
-    def deliver(self, data, decoder=None) -> bool:
-        """Write Data from the peer; True when the read loop must wait (``wait_space``).
-
-        ``decoder`` is given when ``data`` is a view into its buffer: a large remainder is
-        then kept as that view (the decoder moves on to another buffer) instead of copied.
-        """
-        if self.state >= CLOSED or self.error:
-            return False
-        account = self.account
-        if account is not None and not account.charge(len(data)):
-            self.fail(account.refuse_reason() or "traffic limit reached")
-            return False
-        sock = self.sock
-        if sock is None or self.pending:
-            self._hold(data, decoder)
-            if sock is not None:
-                self._kick_drain()
-        else:
-            try:
-                n = sock.send(data)
-            except BlockingIOError:
-                n = 0
-            except OSError as exc:
-                self._write_failed(exc)
-                return False
-            if n:
-                self._consumed(n)
-            if n < len(data):
-                self._hold(data[n:], decoder)
-                self._kick_drain()
-        return self.held > self.limit or self.session.pending_bytes > self.session.pending_max
-
-    def _hold(self, data, decoder=None) -> None:
-        if self.window and self.held + len(data) > self.window:
-            # a trisocks peer never sends past the window we granted: this one breaks the rules
-            self.fail("peer exceeded the flow-control window")
-            return
-        if decoder is not None and len(data) >= PIN_MIN:
-            decoder.hold()  # keep the view: the decoder reads into another buffer next
-            self.pending.append(data)
-        else:
-            self.pending.append(bytes(data))  # small, or not the decoder's: copy
-        self.held += len(data)
-        self.session.pending_changed(len(data))
-
-    def _release(self, n: int) -> None:
-        """``n`` bytes from the front of the queue were sent."""
-        pending = self.pending
-        self.held -= n
-        self.session.pending_changed(-n)
-        while n:
-            size = len(pending[0])
-            if n < size:
-                pending[0] = memoryview(pending[0])[n:]
-                return
-            pending.popleft()
-            n -= size
-
-    def _drop_pending(self) -> None:
-        if self.pending:
-            self.session.pending_changed(-self.held)
-            self.pending.clear()
-            self.held = 0
-
-    async def wait_space(self) -> None:
-        while self.held > self.limit and self.state < CLOSED and not self.error:
-            await self._lot.park()
-
-    def _consumed(self, n: int) -> None:
-        self.bytes_down += n
-        window = self.window
-        if window:
-            self._unacked += n
-            if self._unacked >= window >> 2 and self.state in (OPEN, LOCAL_CLOSED):
-                grant = self._unacked
-                if not self.held:  # the reader keeps up: let the sender go faster
-                    extra = self.session.windows.grow(window)
-                    self.window = window + extra
-                    grant += extra
-                self.session.send_if_open(protocol.WindowUpdate(self.id, grant))
-                self._unacked = 0
-
-    def _kick_drain(self) -> None:
-        if not self._draining and self.sock is not None:
-            self._draining = True
-            self.session.spawn(self._drain, unit="drain")
-
-    async def _drain(self) -> None:
-        sock = self.sock
-        scope = self._drain_scope = trio.CancelScope()
-        try:
-            with scope:
-                while self.pending and self.state < CLOSED:
-                    try:
-                        await wait_writable(sock)
-                        pending = self.pending
-                        if len(pending) == 1:
-                            n = sock.send(pending[0])
-                        else:
-                            n = sock.sendmsg([pending[i] for i in range(min(len(pending), IOV_MAX))])
-                    except BlockingIOError:
-                        continue
-                    except (OSError, trio.ClosedResourceError) as exc:
-                        if isinstance(exc, OSError):
-                            self._write_failed(exc)
-                        break
-                    self._release(n)
-                    self._consumed(n)
-                    if self.held <= self.limit:
-                        self._lot.unpark_all()
-        finally:
-            self._draining = False
-            if self._drained is not None:
-                self._drained.set()
-            self._lot.unpark_all()
-        if self._eof_in and not self.pending:
-            self._end_output()
-
-    def _write_failed(self, exc: OSError) -> None:
-        """The local socket refused our bytes: the channel is over."""
-        self.fail((exc.strerror or str(exc)).lower())
-
+    # -- ending ------------------------------------------------------------------
     def fail(self, error: str) -> None:
         """End the channel with an error: tell the peer, stop both directions."""
         self.error = self.error or error
@@ -355,20 +227,6 @@ class Channel:
                 await self._flush_pending()
         finally:
             self.finish()
-
-    async def _flush_pending(self) -> None:
-        """The tunnel side is done, but we still hold bytes for our socket: keep writing them
-        for as long as the socket takes any. A slow reader gets everything; only a reader
-        that takes nothing for DRAIN_STALL seconds loses the rest (and the channel ends)."""
-        while self.pending and not self.error and self._draining:
-            before = self.held
-            self._drained = trio.Event()
-            with trio.move_on_after(DRAIN_STALL):
-                await self._drained.wait()
-            if self.held >= before:
-                log.info("%r: reader took nothing for %.0f s; dropping %d bytes", self,
-                         DRAIN_STALL, self.held)
-                return
 
     async def _pump(self) -> None:
         sock = self.sock
@@ -451,21 +309,6 @@ class Channel:
             await session.wait_sent()
             with trio.move_on_after(min(EOF_DRAIN_MAX, self.bytes_up / PEER_DRAIN_RATE)):
                 await self._remote_done.wait()
-
-    def on_remote_eof(self) -> None:
-        """The peer's socket ended its direction: once what came before reached our socket,
-        end our socket's sending direction too (half-close)."""
-        if self.state in (OPENING, OPEN) and not self._eof_in:
-            self._eof_in = True
-            if not self.pending and self.sock is not None:
-                self._end_output()
-
-    def _end_output(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self._remote_done.set()  # this direction is over; the pump ends the channel with its own EOF
 
     # -- closing ----------------------------------------------------------------
     def on_remote_disconnect(self, error: str) -> None:

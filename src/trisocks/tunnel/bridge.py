@@ -22,6 +22,7 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from ..net.channel import CHUNK, LINGER, UNLIMITED
+from ..net.contracts import ChannelHost
 from ..wire import protocol
 from ..wire.codec import HEADROOM, encode_data
 
@@ -33,7 +34,7 @@ class BridgeEnd:
                  "unacked", "early", "state", "bytes_in", "_space", "_disconnect_after", "account",
                  "window", "_eof_after")
 
-    def __init__(self, session, channel_id: bytes, bridge: Bridge, target: str) -> None:
+    def __init__(self, session: ChannelHost, channel_id: bytes, bridge: Bridge, target: str) -> None:
         self.id = channel_id
         self.session = session
         self.bridge = bridge
@@ -211,7 +212,7 @@ class BridgeEnd:
 class Bridge:
     """The pair of ends of one relayed channel, and how it closes."""
 
-    def __init__(self, connector_session, channel_id: bytes, target: str) -> None:
+    def __init__(self, connector_session: ChannelHost, channel_id: bytes, target: str) -> None:
         self.connector = BridgeEnd(connector_session, channel_id, self, target)
         self.provider: BridgeEnd | None = None
         self.target = target
