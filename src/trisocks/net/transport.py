@@ -26,6 +26,7 @@ import termios
 import trio
 from trio.lowlevel import checkpoint, wait_readable, wait_writable
 
+from ..wire.names import hostport
 from .guard import contained, next_id
 
 # Errors that mean "the peer is gone", reported as a plain close, not a crash.
@@ -80,6 +81,33 @@ async def sock_sendall(sock: socket.socket, data) -> None:
             continue
         view = view[n:]
     await checkpoint()
+
+
+async def send_quietly(sock: socket.socket, data, log=None, what: str = "send failed") -> bool:
+    """Send all of ``data``; False when the peer is gone (reset, closed). For last words (a
+    failure reply before the close) whose loss is no news: logged at debug to ``log`` if given."""
+    try:
+        await sock_sendall(sock, data)
+    except OSError as exc:
+        if log is not None:
+            log.debug("%s: %s", what, exc)
+        return False
+    return True
+
+
+async def recv_parsed(sock: socket.socket, buf: bytearray, parse, eof, size: int = 4096) -> tuple:
+    """Read into ``buf`` until ``parse(buf)`` has a whole message, as ``(*fields, used)``; drop
+    the ``used`` bytes from ``buf`` (what follows stays) and return the fields. A parser
+    raises on bad input; on EOF first, ``eof()`` gives the exception to raise."""
+    while True:
+        parsed = parse(buf)
+        if parsed is not None:
+            del buf[: parsed[-1]]
+            return tuple(parsed[:-1])
+        data = await sock_recv(sock, size)
+        if not data:
+            raise eof()
+        buf += data
 
 
 def close_socket(sock: socket.socket | None) -> None:
@@ -218,19 +246,15 @@ def listen_on(host: str, port: int, what: str) -> socket.socket:
     try:
         return listen_tcp(host, port)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot listen on {_hostport(host, port)} for {what}: "
+        raise OSError(exc.errno, f"cannot listen on {hostport(host, port)} for {what}: "
                       f"{(exc.strerror or str(exc)).lower()}") from None
 
 
 def _peer(addr) -> str:
     try:
-        return _hostport(addr[0], addr[1])
+        return hostport(addr[0], addr[1])
     except (TypeError, IndexError):
         return str(addr)
-
-
-def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def bind_tcp(host: str, port: int) -> socket.socket:

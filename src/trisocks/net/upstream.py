@@ -27,8 +27,9 @@ from urllib.parse import quote, unquote
 import trio
 
 from ..wire import socks5
+from ..wire.names import hostport
 from .dial import dial_tcp
-from .transport import close_socket, sock_recv, sock_sendall
+from .transport import close_socket, recv_parsed, sock_sendall
 
 __all__ = [
     "Proxy",
@@ -80,7 +81,7 @@ class Proxy:
         auth = ""
         if self.username or self.password:
             auth = quote(self.username, safe="") + (":***" if self.password else "") + "@"
-        return f"{self.scheme}://{auth}{_authority(self.host, self.port)}"
+        return f"{self.scheme}://{auth}{hostport(self.host, self.port)}"
 
     @property
     def has_auth(self) -> bool:
@@ -88,10 +89,6 @@ class Proxy:
 
     def __str__(self) -> str:
         return self.display
-
-
-def _authority(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 # --- parsing ------------------------------------------------------------------
@@ -367,7 +364,7 @@ def _unreachable(proxy: Proxy, exc: OSError) -> OSError:
 
 def _prepare(proxy: Proxy, host: str, port: int) -> Handshake:
     """Build every request up front, so bad input fails before we dial."""
-    target = _authority(host, port)
+    target = hostport(host, port)
     if proxy.scheme == "http":
         if _UNSAFE_IN_HEAD.search(host) or not host:
             raise ValueError(f"target host {host!r} cannot be sent in an HTTP CONNECT request")
@@ -397,19 +394,15 @@ async def _receive(
     sock: socket.socket, buf: bytearray, parse: Callable[[bytearray], Any], proxy: Proxy
 ) -> Any:
     """Read until ``parse`` has a whole message; drop it from ``buf``, keep what follows."""
-    while True:
-        parsed = parse(buf)
-        if parsed is not None:
-            *value, used = parsed
-            del buf[:used]
-            return value[0] if len(value) == 1 else tuple(value)
-        data = await sock_recv(sock, RECV_SIZE)
-        if not data:
-            raise UpstreamError(
-                f"upstream proxy {proxy.display} closed the connection during the handshake",
-                errno.ECONNRESET,
-            )
-        buf += data
+
+    def closed() -> UpstreamError:
+        return UpstreamError(
+            f"upstream proxy {proxy.display} closed the connection during the handshake",
+            errno.ECONNRESET,
+        )
+
+    value = await recv_parsed(sock, buf, parse, closed, RECV_SIZE)
+    return value[0] if len(value) == 1 else value
 
 
 async def _socks5_connect(

@@ -39,6 +39,7 @@ from ..net.upstream import open_via, parse_proxy, proxy_from_env
 from ..wire import protocol
 from ..wire.codec import OP_BINARY, Decoder, ProtocolError, encode_frame
 from ..wire.errors import AuthError, MessageError, TunnelError
+from ..wire.names import bracket, hostport
 from .egress import Egress
 from .ingress import Ingress
 from .pool import SessionPool
@@ -103,7 +104,7 @@ class Endpoint:
     @property
     def host_header(self) -> str:
         default = 443 if self.scheme == "wss" else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        host = bracket(self.host)
         return host if self.port == default else f"{host}:{self.port}"
 
     @property
@@ -258,8 +259,7 @@ class Client:
             task_status.started(self.socks_port)
 
     def _socks_display(self) -> str:
-        host = self.config.socks_host
-        return f"{f'[{host}]' if ':' in host else host}:{self.socks_port}"
+        return hostport(self.config.socks_host, self.socks_port)
 
     def _announce_ready(self) -> None:
         """A first session is up (again): say the role can be used, with a stable wording."""

@@ -20,7 +20,7 @@ import logging
 import trio
 
 from ..net.channel import Channel
-from ..net.transport import sock_sendall
+from ..net.transport import send_quietly, sock_sendall
 from ..wire import protocol, socks5
 from .pool import SessionPool
 
@@ -131,10 +131,7 @@ class Ingress:
 
 async def _send_reply(sock, code: int) -> None:
     """A failure reply; the connection closes after it anyway, so a refused write is no news."""
-    try:
-        await sock_sendall(sock, socks5.reply(code))
-    except OSError:
-        pass
+    await send_quietly(sock, socks5.reply(code))
 
 
 def _reason(exc: OSError) -> str:

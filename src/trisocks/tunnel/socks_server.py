@@ -15,8 +15,9 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ..net.transport import accept_loop, bind_tcp, close_socket, sock_recv, sock_sendall
+from ..net.transport import accept_loop, bind_tcp, close_socket, recv_parsed, send_quietly, sock_sendall
 from ..wire import socks5
+from ..wire.names import hostport
 from .throttle import FailureLimiter
 
 log = logging.getLogger("trisocks.socks")
@@ -100,8 +101,8 @@ class SocksServer:
             try:
                 self._lsock = bind_tcp(self.host, self.port)
             except OSError as exc:
-                host = f"[{self.host}]" if ":" in self.host else self.host
-                raise OSError(exc.errno, f"cannot listen on {host}:{self.port} for {self.name}: "
+                where = hostport(self.host, self.port)
+                raise OSError(exc.errno, f"cannot listen on {where} for {self.name}: "
                               f"{(exc.strerror or str(exc)).lower()}") from None
             self.port = self._lsock.getsockname()[1]
         return self.port
@@ -130,7 +131,7 @@ class SocksServer:
                 self.failures += 1
                 log.debug("%s handshake from %s refused: %s", self.name, _fmt(addr), exc)
                 if exc.reply is not None:
-                    await _try_send(sock, socks5.reply(exc.reply))
+                    await send_quietly(sock, socks5.reply(exc.reply))
                 return
             except (trio.TooSlowError, EOFError, OSError) as exc:
                 self.failures += 1
@@ -151,21 +152,13 @@ class SocksServer:
         elif request.command == socks5.CMD_UDP_ASSOCIATE and self.on_udp is not None:
             await self.on_udp(sock, request, early, account)
         else:
-            await _try_send(sock, socks5.reply(socks5.COMMAND_NOT_SUPPORTED))
+            await send_quietly(sock, socks5.reply(socks5.COMMAND_NOT_SUPPORTED))
 
     async def _handshake(self, sock, ip: str) -> tuple[socks5.Request | None, bytes, object]:
         buf = bytearray()
 
-        async def read(parse):
-            while True:
-                result = parse(buf)
-                if result is not None:
-                    del buf[: result[-1]]
-                    return result[:-1]
-                data = await sock_recv(sock, 4096)
-                if not data:
-                    raise EOFError("client closed during the SOCKS5 handshake")
-                buf.extend(data)
+        def read(parse):
+            return recv_parsed(sock, buf, parse, _closed_early)
 
         (methods,) = await read(socks5.parse_greeting)
         method = socks5.choose_method(methods, self.credentials is not None)
@@ -208,11 +201,8 @@ class SocksServer:
         return False
 
 
-async def _try_send(sock, data: bytes) -> None:
-    try:
-        await sock_sendall(sock, data)
-    except OSError:
-        pass
+def _closed_early() -> EOFError:
+    return EOFError("client closed during the SOCKS5 handshake")
 
 
 def _ip(addr) -> str:

@@ -15,7 +15,7 @@ import socket
 
 import idna  # IDNA 2008, as trio resolves names (a dependency of trio)
 
-__all__ = ["BAD_HOST_TEXT", "BadHostName", "ascii_host", "check_host", "host_error"]
+__all__ = ["BAD_HOST_TEXT", "BadHostName", "ascii_host", "bracket", "check_host", "host_error", "hostport"]
 
 MAX_NAME = 253  # RFC 1035: 255 octets on the wire, 253 characters written out
 MAX_LABEL = 63
@@ -25,6 +25,16 @@ _LABEL = re.compile(r"[A-Za-z0-9_-]+\Z")
 # The start of the error text a refusal carries (ConnectResponse, logs); socks5 maps it to
 # "host unreachable", like a name that does not resolve.
 BAD_HOST_TEXT = "invalid host name"
+
+
+def bracket(host: str) -> str:
+    """``host`` as it is written before a port or in a URL: IPv6 literals in brackets."""
+    return f"[{host}]" if ":" in host else host  # only IPv6 literals contain a colon
+
+
+def hostport(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 literal in brackets (``[::1]:1080``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class BadHostName(ValueError):
