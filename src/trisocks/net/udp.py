@@ -34,7 +34,7 @@ from trio.lowlevel import wait_readable
 from ..wire import protocol, socks5
 from ..wire.names import host_error
 from .dial import literal_family, resolve
-from .transport import close_socket, sock_recv, sock_sendall
+from .transport import close_socket, send_quietly, sock_recv
 
 log = logging.getLogger("trisocks.udp")
 
@@ -292,12 +292,7 @@ async def _until_closed(control) -> None:
 
 async def _reply(sock, code: int, host: str = "0.0.0.0", port: int = 0) -> bool:
     """Send a SOCKS5 reply; False when the client is gone (reset, closed)."""
-    try:
-        await sock_sendall(sock, socks5.reply(code, host, port))
-    except OSError as exc:
-        log.debug("UDP ASSOCIATE: reply not delivered: %s", exc)
-        return False
-    return True
+    return await send_quietly(sock, socks5.reply(code, host, port), log, "UDP ASSOCIATE: reply not delivered")
 
 
 def _same_ip(a: str, b: str) -> bool:
