@@ -65,7 +65,7 @@ EOF_IDLE = 5.0
 # pywssocks throws away what it still queues for its socket when Disconnect arrives, and has
 # no message to say it wrote it: after the destination's EOF, once the peer's kernel has every
 # byte, allow it time to write them at this (modest, for loopback) rate, up to EOF_DRAIN_MAX.
-PEER_DRAIN_RATE = 200e6
+PEER_DRAIN_RATE = 300e6
 EOF_DRAIN_MAX = 2.0
 UNLIMITED = 1 << 62
 

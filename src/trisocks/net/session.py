@@ -19,14 +19,15 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from ..wire import codec, csprng, protocol
-from ..wire.errors import MessageError, ProtocolError
+from ..wire.errors import ProtocolError
 from .channel import CLOSED, OPEN, OPENING, Channel
 from .flow import MAX_WINDOW, WindowBudget, initial_window
-from .guard import contained, report
+from .guard import contained
+from .limits import PROCESS, ChannelGroup
 from .outbox import Outbox
+from .reader import TRACE, Reader, _summary
 
 log = logging.getLogger("trisocks.session")
-TRACE = 5  # below DEBUG: every message (-dd)
 
 # The most per-channel credit we grant trisocks peers (see flow.py). It must cover what
 # loopback-fast sockets hold in flight between two processes (send buffer + receive buffer,
@@ -42,7 +43,6 @@ MAX_CHANNELS = 10000  # channels one peer may have open on a session at once
 # is not reading and the session is closed rather than queueing without end.
 OUTBOX_MAX = 32 << 20
 RECV_BUFFER = 256 << 10  # what the decoder reads at a time (1 MiB measured no better)
-STALL_TIMEOUT = 30.0  # a channel that pauses the whole WebSocket this long is closed
 
 
 class Handler:
@@ -64,7 +64,7 @@ class Handler:
         log.debug("%s: peer log [%s] %s", session, msg.level, msg.msg[:200])
 
 
-class Session:
+class Session(Reader):
     def __init__(
         self,
         transport,
@@ -308,172 +308,11 @@ class Session:
             except trio.ClosedResourceError:
                 return
 
-    async def _read_loop(self) -> None:
-        dec = self.decoder
-        recv_into = self.transport.recv_into
-        channels = self.channels
-        DATA, NEED_DATA = codec.DATA, codec.NEED_DATA
-        while True:
-            ev = dec.next_event()
-            if ev == DATA:
-                ch = channels.get(dec.channel)
-                if self.trace:
-                    log.log(TRACE, "%s: recv Data %s %d bytes", self,
-                            protocol.channel_str(dec.channel)[:8], len(dec.data))
-                if ch is None:
-                    self.unknown_data += 1
-                else:
-                    try:
-                        if ch.deliver(dec.data, dec):
-                            await self._wait_space(ch)
-                    except Exception as exc:  # a bug in one channel must not end the session
-                        self._channel_broke(ch, exc)
-                continue
-            if ev == NEED_DATA:
-                n = await recv_into(dec.get_buffer())
-                if n == 0:
-                    self.close_reason = self.close_reason or "peer closed the connection"
-                    return
-                dec.feed(n)
-                self.bytes_in += n
-                self.last_seen = trio.current_time()
-                continue
-            if ev == codec.MESSAGE:
-                try:
-                    await self._on_message(dec.data)
-                except (trio.ClosedResourceError, trio.BrokenResourceError):
-                    raise  # our own WebSocket is closing
-                except Exception as exc:  # a bug handling one message must not end the session
-                    report(f"a message on {self}", exc)
-            elif ev == codec.PING:
-                self._answer_ping(dec.data)
-            elif ev == codec.PONG:
-                if self._ping_sent_at is not None:
-                    self.rtt = trio.current_time() - self._ping_sent_at
-                    self._ping_sent_at = None
-                self.last_pong = trio.current_time()
-            elif ev == codec.CLOSE:
-                code = dec.close_code
-                self.close_reason = self.close_reason or (
-                    f"peer closed ({code}{': ' + dec.close_reason if dec.close_reason else ''})"
-                )
-                self._send_close(1000 if code in (1005, 1006) else code, "")
-                return
-            elif ev == codec.TRUNCATED:
-                ch = channels.get(dec.channel)
-                if ch is not None:
-                    log.warning("%s: truncated Data message, closing %r", self, ch)
-                    ch.fail("truncated data message")
-
-    def _channel_broke(self, ch, exc: Exception) -> None:
-        report(f"{ch!r} on {self}", exc)
-        try:
-            ch.fail("internal error")
-        except Exception:
-            ch.abort()
-
-    async def _wait_space(self, ch: Channel) -> None:
-        with trio.move_on_after(STALL_TIMEOUT) as scope:
-            await ch.wait_space()
-            while self.pending_bytes > self.pending_max:
-                await self._pending_space.park()
-        if scope.cancelled_caught:
-            log.warning("%s: %r has not read for %.0f s, closing it", self, ch, STALL_TIMEOUT)
-            ch.fail("reader stalled")
-
     def pending_changed(self, delta: int) -> None:
         """Channels report what they hold for their sockets; wakes the read loop when it fell."""
         self.pending_bytes += delta
         if delta < 0 and self.pending_bytes <= self.pending_max >> 1:
             self._pending_space.unpark_all()
-
-    async def _on_message(self, data: bytes) -> None:
-        try:
-            msg = protocol.parse(data)
-        except MessageError as exc:
-            log.warning("%s: bad message from peer ignored: %s", self, exc)
-            return
-        if self.trace:
-            log.log(TRACE, "%s: recv %s", self, _summary(msg))
-        kind = type(msg)
-        if kind is protocol.Data:
-            ch = self.channels.get(msg.channel)
-            if ch is None:
-                self.unknown_data += 1
-            elif msg.protocol == protocol.TCP:
-                if ch.deliver(msg.data):
-                    await self._wait_space(ch)
-            else:
-                ch.on_datagram(msg)
-        elif kind is protocol.WindowUpdate:
-            ch = self.channels.get(msg.channel)
-            if ch is not None:
-                ch.add_credit(msg.credit)
-        elif kind is protocol.Eof:
-            ch = self.channels.get(msg.channel)
-            on_eof = getattr(ch, "on_remote_eof", None)
-            if on_eof is not None:
-                on_eof()
-        elif kind is protocol.Connect:
-            if msg.channel in self.channels:
-                log.warning("%s: Connect for a channel id already in use ignored", self)
-            else:
-                self.handler.on_connect(self, msg)
-        elif kind is protocol.ConnectResponse:
-            ch = self.channels.get(msg.channel)
-            if ch is not None:
-                ch.on_response(msg)
-        elif kind is protocol.Disconnect:
-            ch = self.channels.get(msg.channel)
-            if ch is not None:
-                ch.on_remote_disconnect(msg.error)
-        elif kind is protocol.Partners:
-            self.handler.on_partners(self, msg.count)
-        elif kind is protocol.Connector:
-            self.handler.on_connector(self, msg)
-        elif kind is protocol.ConnectorResponse:
-            self.handler.on_connector_response(self, msg)
-        elif kind is protocol.Log:
-            self.handler.on_log(self, msg)
-        else:
-            # Auth/AuthResponse after authentication (pywssocks sends Auth even when
-            # its URL already authenticated it), Direct* signalling, unknown types.
-            log.debug("%s: %s message ignored", self, kind.__name__)
-
-
-class ChannelGroup:
-    """Open channels of all sessions of one token (or user), against a limit."""
-
-    __slots__ = ("open", "limit")
-
-    def __init__(self, limit: int) -> None:
-        self.open = 0
-        self.limit = limit
-
-
-class _Process:
-    """Open channels of this process, against what its file-descriptor limit allows once a
-    reserve is kept for accepting and authenticating connections (each channel holds a socket)."""
-
-    __slots__ = ("open", "_limit")
-
-    def __init__(self) -> None:
-        self.open = 0
-        self._limit = 0
-
-    def limit(self) -> int:
-        if not self._limit:  # read late: the CLI raises the soft limit at start
-            import resource
-
-            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            if soft == resource.RLIM_INFINITY:
-                soft = 1 << 20
-            self._limit = max(16, soft - max(64, soft // 10))
-        return self._limit
-
-
-PROCESS = _Process()
-
 
 async def read_message(transport, decoder, *, timeout: float, client_side: bool) -> bytes:
     """Before a session runs: the first whole message (Auth, AuthResponse), answering pings.
@@ -497,24 +336,6 @@ async def read_message(transport, decoder, *, timeout: float, client_side: bool)
                 reason = decoder.close_reason or f"code {decoder.close_code}"
                 raise EOFError(f"closed by peer ({reason})")
             # Data before authentication has no channel to go to: drop it.
-
-
-def _summary(msg) -> str:
-    """A message for the trace log: its fields, with channel ids short and secrets out."""
-    parts = []
-    for name in msg.__slots__:
-        value = getattr(msg, name)
-        if name in ("channel", "instance"):
-            value = protocol.channel_str(value)[:8]
-        elif name == "token":
-            from ..tunnel.tokens import redact
-
-            value = redact(value)
-        elif isinstance(value, bytes):
-            value = f"<{len(value)} bytes>"
-        if value not in ("", 0, None) or name == "success":
-            parts.append(f"{name}={value}")
-    return f"{type(msg).__name__}({', '.join(parts)})"
 
 
 def _describe(exc: BaseException) -> str:
