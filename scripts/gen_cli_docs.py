@@ -2,7 +2,8 @@
 
     .venv/bin/python scripts/gen_cli_docs.py > docs/cli.md
 
-The flag tables come from ``trisocks.cli.build_parser()``, so they cannot drift from
+The flag tables come from ``trisocks.cli.build_parser()`` (each command's parser is built in
+``trisocks/cli/server.py``, ``client.py`` or ``tools.py``), so they cannot drift from
 ``--help``. TRISOCKS_* variables of the calling shell are ignored, so the defaults shown
 are the built-in ones. The prose around the tables (logging, exit codes) lives here.
 """

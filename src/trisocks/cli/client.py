@@ -1,0 +1,140 @@
+"""``trisocks client``, ``provider`` and ``connector``: their flags, and the client they run
+until it ends or a signal stops it."""
+
+from __future__ import annotations
+
+import signal
+
+import trio
+
+from .. import __version__
+from .common import Formatter, add_debug, add_flag, add_option, credentials_pair, from_env, log, usage_error
+
+
+def add_parsers(sub) -> None:
+    for name, help_line, description in (
+        ("client", "run a client: a local SOCKS5 port, or a provider with -r",
+         "Connect to a trisocks (or LinkSocks) server.\n\n"
+         "forward client: a local SOCKS5 port (-s/-p) whose connections leave from the server.\n"
+         "connector: the same, with a connector token: connections leave through the providers\n"
+         "  of the reverse token behind it.\n"
+         "provider (-r): no local port; the server's SOCKS5 clients connect out from here."),
+        ("provider", "run a provider (same as 'client -r')",
+         "Connect to a reverse-mode server with a reverse token and open the connections its\n"
+         "SOCKS5 clients ask for from this machine. With -c, also register a connector token\n"
+         "(the server must run with -a)."),
+        ("connector", "run a connector client (same as 'client')",
+         "Connect with a connector token and offer a local SOCKS5 port whose connections leave\n"
+         "through the providers of the reverse token behind it."),
+    ):
+        c = sub.add_parser(name, formatter_class=Formatter, help=help_line, description=description)
+        add_option(c, "-t", "--token", env="TOKEN", default="anonymous",
+             help="token to authenticate with (forward, reverse or connector token)")
+        add_option(c, "-u", "--url", env="URL", default="ws://localhost:8765",
+             help="WebSocket server URL (ws:// or http://; the path defaults to /socket). A "
+             "token in it (?token=T) wins over -t and is sent hashed, as LinkSocks clients do")
+        if name == "client":
+            add_option(c, "--subscribe", env="SUBSCRIBE", default="",
+                 help="take the server URL and token from a subscription: the URL of a "
+                 "server's /api/subscribe/KEY, or a trisocks://KEY@HOST:PORT share link")
+        if name == "client":
+            add_flag(c, "-r", "--reverse", env="REVERSE",
+                      help="be a provider: open connections for the server's SOCKS5 clients")
+        if name != "connector":
+            add_option(c, "-c", "--connector-token", env="CONNECTOR_TOKEN", default="",
+                 help="provider: register this connector token with the server (autonomy mode, "
+                 "server -a); connector clients using it reach only this provider")
+        if name != "provider":
+            add_option(c, "-s", "--socks-host", env="SOCKS_HOST", default="127.0.0.1",
+                 help="SOCKS5 listen address")
+            add_option(c, "-p", "--socks-port", env="SOCKS_PORT", default=9870, type=int,
+                 help="SOCKS5 listen port (0: any free port)")
+            add_option(c, "-n", "--socks-username", env="SOCKS_USERNAME", default="",
+                 help="require this SOCKS5 username (with -w)")
+            add_option(c, "-w", "--socks-password", env="SOCKS_PASSWORD", default="",
+                 help="require this SOCKS5 password (with -n)")
+            add_flag(c, "-i", "--socks-no-wait", "--socks-nowait", env="SOCKS_NO_WAIT",
+                      help="open the SOCKS5 port at once instead of after connecting to the server")
+            add_flag(c, "-f", "--fast-open", env="FAST_OPEN",
+                      help="answer SOCKS5 clients at once and send their first bytes with the "
+                      "connect request; a failure then closes the connection (see docs/fast-open.md)")
+        add_flag(c, "-R", "--no-reconnect", env="NO_RECONNECT",
+                  help="exit when the connection to the server is lost instead of reconnecting")
+        add_option(c, "-T", "--threads", env="THREADS", default=1, type=int,
+             help="WebSocket connections to keep; new channels are spread over them")
+        add_option(c, "-x", "--upstream-proxy", env="UPSTREAM_PROXY", default="",
+             help="reach the server through this proxy: socks5://[user:pass@]host:port or "
+             "http://[user:pass@]host:port (HTTP CONNECT)")
+        add_flag(c, "-E", "--no-env-proxy", env="NO_ENV_PROXY",
+                  help="ignore HTTPS_PROXY/HTTP_PROXY/ALL_PROXY/NO_PROXY for the server connection")
+        add_option(c, "--ca-file", env="CA_FILE", default="",
+             help="wss://: trust the CA certificates in this PEM file instead of the system's")
+        add_flag(c, "--insecure", env="INSECURE",
+                  help="wss://: do not check the server's certificate (a warning is logged)")
+        add_debug(c)
+
+
+
+def cmd_client(args) -> int:
+    from ..tunnel.client import Client, ClientConfig
+
+    credentials_pair(args)
+    if args.threads < 1:
+        usage_error("-T/--threads must be at least 1")
+    reverse = args.command == "provider" or getattr(args, "reverse", False)
+    if getattr(args, "subscribe", ""):
+        from ..tunnel.subscription import fetch
+
+        if reverse:
+            usage_error("--subscribe is for forward clients")
+        try:
+            sub = fetch(args.subscribe, ca_file=args.ca_file, insecure=args.insecure)
+        except ValueError as exc:
+            usage_error(f"--subscribe: {exc}")
+        args.url, args.token = sub.server, sub.token
+        if args.socks_port == 9870 and from_env("SOCKS_PORT") is None and sub.socks_port:
+            args.socks_port = sub.socks_port
+    if getattr(args, "connector_token", "") and not reverse:
+        usage_error("-c/--connector-token is for providers (client -r, or 'provider')")
+    config = ClientConfig(
+        url=args.url, token=args.token, reverse=reverse,
+        connector_token=getattr(args, "connector_token", ""),
+        socks_host=getattr(args, "socks_host", "127.0.0.1"),
+        socks_port=getattr(args, "socks_port", 9870),
+        socks_username=getattr(args, "socks_username", ""),
+        socks_password=getattr(args, "socks_password", ""),
+        socks_wait_server=not getattr(args, "socks_no_wait", False),
+        fast_open=getattr(args, "fast_open", False),
+        reconnect=not args.no_reconnect, threads=args.threads,
+        ca_file=args.ca_file, insecure=args.insecure,
+        upstream_proxy=args.upstream_proxy, env_proxy=not args.no_env_proxy,
+    )
+    try:
+        client = Client(config)
+    except ValueError as exc:
+        usage_error(f"{exc}")
+    log.info("trisocks %s %s connecting to %s", __version__, "provider" if reverse else "client",
+             client.endpoint.display)
+    stopped_by = trio.run(until_signal, client.run)
+    return 130 if stopped_by == signal.SIGINT else 0
+
+
+async def until_signal(run) -> int | None:
+    """Run ``run()`` until it returns or SIGTERM/SIGINT comes; then cancel it, which closes
+    every WebSocket with a close frame (1001) so the server drops us at once (a provider
+    leaves its pool now, not after a ping timeout). Returns the signal, if one came."""
+    stopped_by = None
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            async def main() -> None:
+                await run()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(main)
+            async for signum in signals:
+                stopped_by = signum
+                log.info("stopping (%s): closing the connections to the server",
+                         signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+    return stopped_by

@@ -1,0 +1,209 @@
+"""``trisocks server``: its flags, and what they start (a tunnel server, with the management
+plane when -k or --db asks for it)."""
+
+from __future__ import annotations
+
+import trio
+
+from .common import (
+    Formatter,
+    add_debug,
+    add_flag,
+    add_list,
+    add_option,
+    credentials_pair,
+    from_env,
+    log,
+    usage_error,
+)
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser(
+        "server", formatter_class=Formatter, help="run the tunnel server",
+        description="Run the WebSocket server.\n\n"
+        "forward mode (default): clients authenticate with a token (-t) and the server opens\n"
+        "  their connections.\n"
+        "reverse mode (-r): providers authenticate with the token and the server offers a\n"
+        "  SOCKS5 port (-s/-p) whose connections leave through them; connector tokens (-c)\n"
+        "  let connector clients use the same providers, and with -a providers create their\n"
+        "  own connector tokens.")
+    add_option(s, "-H", "--ws-host", env="WS_HOST", default="0.0.0.0", help="address to listen on")
+    add_option(s, "-P", "--ws-port", env="WS_PORT", default=8765, type=int, help="port to listen on")
+    add_list(s, "-t", "--token", env="TOKEN", metavar="TOKEN",
+              help="token clients must present (forward, or reverse with -r); repeat for several. "
+              "One is generated and printed when none is given")
+    add_flag(s, "-r", "--reverse", env="REVERSE",
+              help="reverse mode: -t tokens are for providers, and each gets a SOCKS5 port")
+    add_option(s, "-s", "--socks-host", env="SOCKS_HOST", default="127.0.0.1",
+         help="reverse mode: SOCKS5 listen address")
+    add_option(s, "-p", "--socks-port", env="SOCKS_PORT", default=9870, type=int,
+         help="reverse mode: SOCKS5 port of the first token (0: any free port); further tokens "
+         "get free ports, reported at start")
+    add_option(s, "-n", "--socks-username", env="SOCKS_USERNAME", default="",
+         help="reverse mode: SOCKS5 username clients must give (with -w)")
+    add_option(s, "-w", "--socks-password", env="SOCKS_PASSWORD", default="",
+         help="reverse mode: SOCKS5 password clients must give (with -n)")
+    add_flag(s, "-i", "--socks-nowait", "--socks-no-wait", env="SOCKS_NOWAIT",
+              help="reverse mode: open the SOCKS5 port at once, not when the first provider connects")
+    add_list(s, "-c", "--connector-token", env="CONNECTOR_TOKEN", metavar="TOKEN",
+              help="reverse mode: a connector token for the (first) reverse token; connector "
+              "clients using it reach its providers. Repeat for several")
+    add_flag(s, "-a", "--connector-autonomy", env="CONNECTOR_AUTONOMY",
+              help="reverse mode: providers may add and remove their own connector tokens, which "
+              "reach only them")
+    add_flag(s, "-f", "--fast-open", env="FAST_OPEN",
+              help="reverse mode: answer SOCKS5 clients at once and send their data before the "
+              "provider has connected (see docs/fast-open.md)")
+    add_option(s, "--connect-timeout", env="CONNECT_TIMEOUT", default=10.0, type=float,
+         help="forward mode: seconds to reach a target before the client is told it failed")
+    add_option(s, "-x", "--upstream-proxy", env="UPSTREAM_PROXY", default="",
+         help="open every target connection through this proxy: socks5://[user:pass@]host:port "
+         "or http://[user:pass@]host:port (HTTP CONNECT)")
+    add_option(s, "--tls-cert", env="TLS_CERT", default="",
+         help="PEM certificate (chain) file: serve wss:// and https:// on the WebSocket port")
+    add_option(s, "--tls-key", env="TLS_KEY", default="",
+         help="PEM private key file for --tls-cert (if not inside the certificate file)")
+    add_list(s, "--trusted-proxy", env="TRUSTED_PROXY", metavar="CIDR",
+              help="a reverse proxy in front of the server (address or CIDR, repeatable): for "
+              "connections from it the client's address is the rightmost X-Forwarded-For entry "
+              "that is not a trusted proxy, for auth throttling, connection limits and logs")
+    add_option(s, "--max-unauthenticated", env="MAX_UNAUTHENTICATED", default=1024, type=int,
+         help="connections that have not authenticated yet, in all; more get HTTP 503")
+    add_option(s, "--max-unauthenticated-per-address", env="MAX_UNAUTHENTICATED_PER_ADDRESS",
+         default=64, type=int,
+         help="connections not authenticated yet per client address (IPv6: per /64); more get 503")
+    add_option(s, "--max-sessions-per-token", env="MAX_SESSIONS_PER_TOKEN", default=64, type=int,
+         help="concurrent WebSocket sessions of one token or user key; more are refused at Auth")
+    m = s.add_argument_group(
+        "management API and state (docs/api.md)",
+        "With -k the REST API (tokens, users with quotas, stats, events, /healthz, /metrics)\n"
+        "answers on the WebSocket port. With -k or --db, tokens created through the API,\n"
+        "users and traffic counters are kept in a SQLite database and restored at start.")
+    # not add_option(): its help would show the key taken from the environment as the default
+    m.add_argument("-k", "--api-key", default=from_env("API_KEY") or "", metavar="KEY",
+                   help="turn the management API on with this key (plaintext, or a hash: "
+                   "sha256:HEX, scrypt:..., pbkdf2:..., bcrypt $2b$... - see "
+                   "'trisocks hash-key')."
+                   " Prefer the environment variable: a command line is visible to every local "
+                   "user [env TRISOCKS_API_KEY]")
+    add_option(m, "--api-bind", env="API_BIND", default="",
+         help="serve the API on its own listener HOST:PORT instead of the WebSocket port")
+    add_flag(m, "--api-allow-remote", env="API_ALLOW_REMOTE",
+              help="let non-loopback addresses use the API (with the key); off: they get 403")
+    add_option(m, "--db", env="DB", default="",
+         help="SQLite database for tokens, users and counters (default with -k: "
+         "$XDG_STATE_HOME/trisocks/trisocks.db, else ~/.local/state/trisocks/trisocks.db)")
+    add_option(m, "--public-url", env="PUBLIC_URL", default="",
+         help="the WebSocket URL clients use to reach this server (ws[s]://host[:port]), for "
+         "/api/subscribe; default: what the request came to")
+    add_debug(s)
+
+
+
+def _management(args):
+    """The management plane when -k or --db asks for it (None otherwise)."""
+    if not (args.api_key or args.db):
+        if args.api_bind or args.api_allow_remote:
+            usage_error("--api-bind and --api-allow-remote need -k/--api-key")
+        return None
+    from ..management import ApiKey, Management, SQLiteStore, default_path
+    from ..management.serving import parse_bind
+
+    try:
+        key = ApiKey(args.api_key) if args.api_key else None
+        bind = parse_bind(args.api_bind) if args.api_bind else None
+    except ValueError as exc:
+        usage_error(f"{exc}")
+    if key is None and (bind or args.api_allow_remote):
+        usage_error("--api-bind and --api-allow-remote need -k/--api-key")
+    if args.public_url and not args.public_url.startswith(("ws://", "wss://")):
+        usage_error("--public-url must start with ws:// or wss://")
+    if key is not None and key.plaintext_configured and len(args.api_key) < 16:
+        log.warning("the API key is short (%d characters); use 16 or more, or a random one",
+                    len(args.api_key))
+    return Management(SQLiteStore(args.db or default_path()), api_key=key,
+                      allow_remote=args.api_allow_remote, api_bind=bind,
+                      public_url=args.public_url, handle_signals=True)
+
+
+def cmd_server(args) -> int:
+    from ..tunnel.server import Server, ServerConfig
+    from ..tunnel.tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable, generate, redact
+
+    credentials_pair(args)
+    if not args.reverse and (args.connector_token or args.connector_autonomy):
+        usage_error("-c/--connector-token and -a/--connector-autonomy need -r/--reverse")
+    management = _management(args)
+    if not args.reverse and management is None:
+        stray = [flag for flag, value, default in (
+            ("-s", args.socks_host, "127.0.0.1"), ("-p", args.socks_port, 9870),
+            ("-n/-w", args.socks_username, ""), ("-i", args.socks_nowait, False),
+            ("-f", args.fast_open, False)) if value != default]
+        if stray:
+            log.warning("%s only apply to reverse tokens (-r, or the API): ignored",
+                        ", ".join(stray))
+    tokens = management.tokens if management is not None else TokenTable()
+    given = args.token or []
+    kind = "reverse" if args.reverse else "forward"
+    if not given and management is not None and management.api_key is not None:
+        # tokens and users come from the API (and the database)
+        if args.connector_token:
+            usage_error("-c/--connector-token needs a -t reverse token")
+    elif not given:
+        token = generate()
+        given = [token]
+        print(f"No token given; generated {kind} token: {token}", flush=True)
+    try:
+        for i, token in enumerate(given):
+            if args.reverse:
+                tokens.add(TokenInfo(token, REVERSE, port=args.socks_port if i == 0 else 0,
+                                     username=args.socks_username, password=args.socks_password,
+                                     allow_manage_connector=args.connector_autonomy))
+            else:
+                tokens.add_forward(token)
+        for token in args.connector_token:
+            tokens.add(TokenInfo(token, CONNECTOR, reverse_token=given[0]))
+    except ValueError as exc:
+        usage_error(f"{exc}")
+    if args.tls_key and not args.tls_cert:
+        usage_error("--tls-key needs --tls-cert")
+    from ..net.upstream import parse_proxy
+    from ..tunnel.egress import direct_dialer, proxy_dialer
+
+    dialer = direct_dialer
+    if args.upstream_proxy:
+        try:
+            proxy = parse_proxy(args.upstream_proxy)
+        except ValueError as exc:
+            usage_error(f"{exc}")
+        dialer = proxy_dialer(proxy)
+        log.info("target connections go through %s", proxy.display)
+    config = ServerConfig(ws_host=args.ws_host, ws_port=args.ws_port,
+                          connect_timeout=args.connect_timeout, socks_host=args.socks_host,
+                          socks_nowait=args.socks_nowait, fast_open=args.fast_open,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, dialer=dialer,
+                          trusted_proxies=tuple(args.trusted_proxy),
+                          max_unauthenticated=args.max_unauthenticated,
+                          max_unauthenticated_per_source=args.max_unauthenticated_per_address,
+                          max_sessions_per_token=args.max_sessions_per_token)
+    try:
+        server = (management.create_server(config) if management is not None
+                  else Server(config, tokens))
+    except ValueError as exc:
+        usage_error(f"{exc}")
+    log.info("%d %s token(s)%s configured", len(given), kind,
+             f" and {len(args.connector_token)} connector token(s)" if args.connector_token else "")
+    for token in given:
+        log.debug("token %s", redact(token))
+    if management is None:
+        trio.run(server.serve)
+        return 0
+    from ..management import StoreError
+
+    try:
+        trio.run(management.run)
+    except StoreError as exc:
+        log.error("database: %s", exc)
+        return 1
+    return 0
