@@ -41,7 +41,7 @@ from ..net.handshake import (
     response,
 )
 from ..net.session import DEFAULT_WINDOW, RECV_BUFFER, ChannelGroup, Handler, Session
-from ..net.transport import SocketTransport, accept_loop, close_socket, listen_on, tls_wrap
+from ..net.transport import SocketTransport, accept_loop, bind_tcp, close_socket, listen_on, tls_wrap
 from ..wire import protocol
 from ..wire.codec import (
     CLOSE,
@@ -146,6 +146,12 @@ class Server:
     ``http_app(transport, request)`` answers every HTTP request that is not a WebSocket
     upgrade on /socket (the management API, health, metrics); without it the server
     answers ``GET /`` and 404 itself.
+
+    What management may use besides (nothing else): ``ready``, ``port``, ``scheme``,
+    ``host``, ``serve``, the token methods, :meth:`session_tokens`,
+    :meth:`close_sessions_of`, :meth:`provider_count`, :meth:`reverse_port`,
+    :attr:`socks_credentials_hook`, :meth:`client_address`, :attr:`trusts_proxies`,
+    :meth:`add_listener` and :meth:`check_socks_port`.
     """
 
     def __init__(self, config: ServerConfig, tokens: TokenTable, *, events=None,
@@ -170,8 +176,79 @@ class Server:
         self.trusted_proxies = _networks(config.trusted_proxies)
         self._token_sessions: dict[str, int] = {}  # token -> sessions open
         self._nursery: trio.Nursery | None = None
+        self._socks_credentials_hook = None
         self.ready = trio.Event()
         self.tls = tls_server_context(config.tls_cert, config.tls_key) if config.tls_cert else None
+
+    # -- the interface management uses ------------------------------------------------------
+    @property
+    def scheme(self) -> str:
+        return "ws" if self.tls is None else "wss"
+
+    @property
+    def host(self) -> str:
+        """The configured listen host of the WebSocket port."""
+        return self.config.ws_host
+
+    def session_tokens(self) -> list[TokenInfo]:
+        """The TokenInfo of every open session, one entry per session."""
+        return list(self.sessions.values())
+
+    def close_sessions_of(self, account: object, reason: str) -> int:
+        """Close (1008) every session of ``account``; returns how many."""
+        doomed = [session for session, info in list(self.sessions.items()) if info.account is account]
+        for session in doomed:
+            session.close(1008, reason)
+        return len(doomed)
+
+    def provider_count(self, token: str) -> int:
+        service = self.services.get(token)
+        return len(service.pool) if service is not None else 0
+
+    def reverse_port(self, token: str) -> int | None:
+        """A reverse token's SOCKS5 port; None in autonomy mode (it has none) or for a token
+        without a service (unknown, or the server is not serving yet)."""
+        service = self.services.get(token)
+        if service is None or service.autonomy:
+            return None
+        return service.socks.port
+
+    @property
+    def socks_credentials_hook(self):
+        """``hook(own) -> credentials``: what every reverse token's SOCKS5 port checks, built
+        from the token's own pair (``own``, a Credentials or None). None: the own pair alone."""
+        return self._socks_credentials_hook
+
+    @socks_credentials_hook.setter
+    def socks_credentials_hook(self, hook) -> None:
+        self._socks_credentials_hook = hook
+        for service in list(self.services.values()):
+            service.socks.credentials = self.socks_credentials(service.own_credentials)
+
+    def socks_credentials(self, own: Credentials | None):
+        """The credentials checker of a reverse token's SOCKS5 port whose own pair is ``own``."""
+        hook = self._socks_credentials_hook
+        return own if hook is None else hook(own)
+
+    @property
+    def trusts_proxies(self) -> bool:
+        return bool(self.trusted_proxies)
+
+    def add_listener(self, host: str, port: int) -> None:
+        """Another listener of this process (the API's --api-bind): the tunnel refuses to dial it."""
+        self.extra_listeners.append((host, port))
+
+    def check_socks_port(self, port: int) -> None:
+        """Raise OSError if a reverse token's SOCKS5 port ``port`` cannot be bound on the
+        configured SOCKS5 host now. The error keeps the system's errno and strerror and names
+        the address (``host:port``) as its filename."""
+        host = self.config.socks_host
+        try:
+            sock = bind_tcp(host, port)
+        except OSError as exc:
+            where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise OSError(exc.errno, exc.strerror or str(exc), where) from None
+        sock.close()
 
     def _own_listeners(self) -> list[tuple[str, int]]:
         """Where this process listens: its WebSocket port, every reverse token's SOCKS5 port,
@@ -293,7 +370,7 @@ class Server:
             return
         if req is None:
             return
-        client = self._client_ip(ip, req)
+        client = self.client_address(ip, req.headers)
         req.peer = (client, addr[1] if client == ip else 0)
         if client != ip:
             peer = f"{client} (via {peer})"
@@ -345,12 +422,17 @@ class Server:
         return any(addr in net for net in self.trusted_proxies)
 
     def _client_ip(self, ip: str, req: Request) -> str:
+        # kept for callers that still pass a request (the management plane, until it moves)
+        return self.client_address(ip, req.headers)
+
+    def client_address(self, peer_ip: str, headers: dict[str, str]) -> str:
         """The client's address: the TCP peer's, or behind a trusted proxy the rightmost
         X-Forwarded-For entry that is not a trusted proxy (entries left of it could be made
-        up by the client itself)."""
+        up by the client itself). ``headers`` has lower-case names."""
+        ip = peer_ip
         if not self._trusts(ip):
             return ip
-        for entry in reversed(req.headers.get("x-forwarded-for", "").split(",")):
+        for entry in reversed(headers.get("x-forwarded-for", "").split(",")):
             entry = entry.strip().strip("[]")
             if not entry:
                 continue
@@ -561,7 +643,9 @@ class ReverseService:
         self.ingress = Ingress(self.pool, wait_timeout=cfg.provider_wait,
                                connect_timeout=cfg.provider_answer, fast_open=cfg.fast_open,
                                name=f"SOCKS5 of {redact(info.token)}")
-        creds = Credentials(info.username, info.password) if info.username else None
+        # the token's own pair; management may widen it (see Server.socks_credentials_hook)
+        self.own_credentials = Credentials(info.username, info.password) if info.username else None
+        creds = server.socks_credentials(self.own_credentials)
         # In autonomy mode (as both peers define it) the token has no SOCKS5 port at all: its
         # providers are reached only through the connector tokens each one registered. The
         # SocksServer object stays (never bound) for code that reads its settings.
