@@ -4,6 +4,11 @@ loopback port allocation, readiness waits, and RSS/CPU readings from /proc.
 Every process is started in a new session (its own process group), registered in a
 module-level registry, and killed as a group: on normal teardown, on an exception, at
 interpreter exit, and on SIGTERM/SIGHUP (turned into SystemExit so ``finally`` runs).
+
+The primitives (:func:`start_in_group`, :func:`signal_group`, :func:`connectable`) are
+also what tests/support/procs.py builds its ManagedProcess on: one implementation of
+"own process group, kill the group, is the port open". Standard library only, so the
+tests import it without the benchmark's extra virtualenvs.
 """
 
 from __future__ import annotations
@@ -44,6 +49,32 @@ class Proc:
         return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def start_in_group(argv: list[str], stdout, stderr, env: dict[str, str] | None = None,
+                   cwd=None) -> subprocess.Popen:
+    """Start ``argv`` in a new session (its own process group, so that killing the group
+    reaches its children too), stdin closed, output to the given files."""
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            start_new_session=True, env=env, cwd=cwd)
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    """Send ``sig`` to the process group; False when it is gone (or not ours any more)."""
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def connectable(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether ``host:port`` accepts a TCP connection now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def spawn(label: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
           cwd: str | None = None) -> Proc:
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,9 +82,7 @@ def spawn(label: str, argv: list[str], log_path: Path, env: dict[str, str] | Non
         out.write(f"$ {' '.join(argv)}\n".encode())
         out.flush()
         try:
-            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     env=env, cwd=cwd)
+            popen = start_in_group(argv, out, subprocess.STDOUT, env=env, cwd=cwd)
         except OSError as exc:
             raise StartError(f"{label}: cannot run {argv[0]}: {exc}") from exc
     proc = Proc(label, argv, popen, log_path)
@@ -64,10 +93,7 @@ def spawn(label: str, argv: list[str], log_path: Path, env: dict[str, str] | Non
 def stop(proc: Proc, grace: float = 5.0) -> None:
     """SIGTERM the process group, wait, SIGKILL what is left, reap the leader."""
     pgid = proc.pid
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
+    signal_group(pgid, signal.SIGTERM)
     try:
         proc.popen.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -75,10 +101,7 @@ def stop(proc: Proc, grace: float = 5.0) -> None:
     deadline = time.monotonic() + grace
     while tree_pids([pgid]) and time.monotonic() < deadline:
         time.sleep(0.05)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    signal_group(pgid, signal.SIGKILL)
     try:
         proc.popen.wait(timeout=grace)
     except subprocess.TimeoutExpired:
@@ -127,11 +150,7 @@ class PortAllocator:
 
 
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return connectable(host, port, timeout)
 
 
 def wait_port(port: int, procs: list[Proc], timeout: float = 30.0) -> None:

@@ -1,6 +1,9 @@
 """Subprocesses for tests: own process group, output captured to files, readiness waits, and
 teardown that kills the whole group, so that no process outlives its test.
 
+The process-group primitives (start in a new session, signal the group, is a port open) are
+benchmarks/procs.py's, shared with the benchmark runner (standard library only).
+
 Readiness is always an observable fact (a log line appeared, a port accepts connections), never
 a sleep: the waits poll every few milliseconds against a deadline and, when they give up, the
 failure message carries the captured output of the process.
@@ -17,6 +20,8 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from benchmarks.procs import connectable, signal_group, start_in_group
 
 from .tools import clean_env
 
@@ -39,10 +44,7 @@ def kill_all_live() -> None:
         if proc.popen.poll() is not None:
             _live.discard(proc)
             continue
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        signal_group(proc.pid, signal.SIGKILL)
         _live.discard(proc)
 
 
@@ -59,10 +61,7 @@ class ManagedProcess:
         # the test's own environment without proxy and TRISOCKS_* settings
         full_env = dict(env) if env is not None else clean_env()
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.popen = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=full_env,
-                cwd=cwd, start_new_session=True,  # own process group: killpg reaches children
-            )
+            self.popen = start_in_group(self.argv, out, err, env=full_env, cwd=cwd)
         self.pid = self.popen.pid
         _live.add(self)
 
@@ -139,9 +138,7 @@ class ManagedProcess:
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             if self.popen.poll() is not None:
                 break
-            try:
-                os.killpg(self.pid, sig)
-            except (ProcessLookupError, PermissionError):
+            if not signal_group(self.pid, sig):
                 break
             try:
                 self.popen.wait(wait)
@@ -204,11 +201,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return connectable(host, port, timeout)
 
 
 def address_in_use(text: str) -> bool:
