@@ -54,3 +54,79 @@ class FakeTransport:
 
     async def aclose(self) -> None:
         self.closed = True
+
+
+class FakeHost:
+    """A session as a channel end sees it (trisocks.net.contracts.ChannelHost), recording
+    what is sent: control messages in ``sent``, data frames through a real Outbox whose
+    transport takes everything at once (see :meth:`data`)."""
+
+    def __init__(self, *, peer_window=None, recv_window=0, half_close=False, pending_limit=1 << 62,
+                 nursery=None) -> None:
+        from trisocks.net.flow import WindowBudget, initial_window
+        from trisocks.net.outbox import Outbox
+
+        self.transport = FakeTransport(take_now=1 << 62)
+        self.outbox = Outbox(self.transport)
+        self.peer_window = peer_window
+        self.recv_window = initial_window(recv_window) if peer_window else 0
+        self.windows = WindowBudget(recv_window or (16 << 20))
+        self.half_close = half_close
+        self.pending_limit = pending_limit
+        self.pending_bytes = 0
+        self.pending_max = 1 << 62
+        self.channels: dict = {}
+        self.trace = False
+        self.sent: list = []
+        self.nursery = nursery
+        self.closed = False
+
+    def mask_key(self):
+        return None
+
+    def send(self, msg) -> None:
+        if self.closed:
+            raise trio.ClosedResourceError
+        self.sent.append(msg)
+
+    def send_if_open(self, msg) -> None:
+        if not self.closed:
+            self.sent.append(msg)
+
+    def spawn(self, fn, *args, unit: str = "channel") -> None:
+        self.nursery.start_soon(fn, *args)
+
+    def register(self, ch, account=None) -> None:
+        self.channels[ch.id] = ch
+        ch.account = account
+        if account is not None:
+            account.opened(ch)
+
+    def forget(self, ch) -> None:
+        if self.channels.get(ch.id) is ch:
+            del self.channels[ch.id]
+            if ch.account is not None:
+                ch.account.closed(ch)
+
+    def pending_changed(self, delta: int) -> None:
+        self.pending_bytes += delta
+
+    async def wait_sent(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    def of_type(self, kind) -> list:
+        return [m for m in self.sent if type(m) is kind]
+
+    def data(self) -> bytes:
+        """The payload of every Data frame written so far, in order."""
+        from trisocks.wire import codec
+
+        dec = codec.Decoder(expect_masked=False)
+        dec.feed_bytes(bytes(self.transport.written))
+        out = bytearray()
+        while True:
+            ev = dec.next_event()
+            if ev == codec.NEED_DATA:
+                return bytes(out)
+            assert ev == codec.DATA, ev
+            out += dec.data
