@@ -46,6 +46,7 @@ from trio.lowlevel import ParkingLot, checkpoint, wait_readable
 from ..wire import protocol
 from ..wire.codec import HEADROOM, OP_BINARY, encode_data, encode_frame
 from .delivery import CLOSED, LOCAL_CLOSED, OPEN, OPENING, REMOTE_CLOSED, Delivery
+from .flow import UNLIMITED
 from .transport import close_socket
 
 if TYPE_CHECKING:
@@ -67,7 +68,6 @@ EOF_IDLE = 5.0
 # byte, allow it time to write them at this (modest, for loopback) rate, up to EOF_DRAIN_MAX.
 PEER_DRAIN_RATE = 300e6
 EOF_DRAIN_MAX = 2.0
-UNLIMITED = 1 << 62
 
 
 class BufferPool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 MAX_WINDOW = 16 << 20  # per channel: covers what loopback-fast sockets hold in flight
 INITIAL_WINDOW = 128 << 10  # what every channel starts with (and always keeps)
 SESSION_GROWTH = 64 << 20  # growth beyond INITIAL_WINDOW, all channels of a session together
+UNLIMITED = 1 << 62  # a credit (or quota) that never runs out
 
 
 def initial_window(window: int) -> int:

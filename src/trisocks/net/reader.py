@@ -16,9 +16,9 @@ from ..wire import codec, protocol
 from ..wire.errors import MessageError
 from .contracts import ChannelEnd
 from .guard import report
+from .trace import TRACE
 
 log = logging.getLogger("trisocks.session")
-TRACE = 5  # below DEBUG: every message (-dd)
 STALL_TIMEOUT = 30.0  # a channel that pauses the whole WebSocket this long is closed
 
 

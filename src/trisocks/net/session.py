@@ -25,7 +25,8 @@ from .flow import MAX_WINDOW, WindowBudget, initial_window
 from .guard import contained
 from .limits import PROCESS, ChannelGroup
 from .outbox import Outbox
-from .reader import TRACE, Reader, _summary
+from .reader import Reader, _summary
+from .trace import TRACE
 
 log = logging.getLogger("trisocks.session")
 

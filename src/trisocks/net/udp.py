@@ -33,6 +33,7 @@ from trio.lowlevel import wait_readable
 
 from ..wire import protocol, socks5
 from ..wire.names import host_error
+from .contracts import ChannelHost
 from .dial import literal_family, resolve
 from .transport import close_socket, send_quietly, sock_recv
 
@@ -55,7 +56,7 @@ MAX_RESOLVED = 1024
 class _UdpChannel:
     """What a session needs from a channel, for UDP: datagrams only, no stream."""
 
-    def __init__(self, session, channel_id: bytes, target: str = "udp") -> None:
+    def __init__(self, session: ChannelHost, channel_id: bytes, target: str = "udp") -> None:
         self.id = channel_id
         self.session = session
         self.target = target
