@@ -20,6 +20,8 @@ class FakeTransport:
         self.fail_with: BaseException | None = None
         self.closed = False
         self._send, self._receive = trio.open_memory_channel(100)
+        self._in_send, self._in_receive = trio.open_memory_channel(1000)
+        self._in_buf = b""
 
     def try_send(self, frame) -> int:
         if self.fail_with is not None:
@@ -51,6 +53,18 @@ class FakeTransport:
         """Make the pending write_some (and every later call) raise ``exc``."""
         self.fail_with = exc
         self._send.send_nowait(0)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes for recv_into, as if the peer sent them (b"": EOF)."""
+        self._in_send.send_nowait(data)
+
+    async def recv_into(self, view) -> int:
+        if not self._in_buf:
+            self._in_buf = await self._in_receive.receive()
+        n = min(len(view), len(self._in_buf))
+        view[:n] = self._in_buf[:n]
+        self._in_buf = self._in_buf[n:]
+        return n
 
     async def aclose(self) -> None:
         self.closed = True
