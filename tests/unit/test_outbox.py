@@ -160,6 +160,22 @@ async def test_replace_is_refused_once_the_frame_started_or_was_sent():
     assert bytes(t.written) == b"0123456789"
 
 
+async def test_replace_is_refused_while_the_writer_is_sending_the_frame():
+    """Its bytes are already handed to the transport: replacing it would splice two frames."""
+    t = FakeTransport()
+    box = Outbox(t)
+    item = box.send_nowait(b"AAAA")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(box.run)
+        await trio.testing.wait_all_tasks_blocked()  # the writer waits inside write_some
+        assert not box.replace(item, b"BBBBBBBB")
+        t.grant()
+        await trio.testing.wait_all_tasks_blocked()
+        box.close()
+    assert bytes(t.written) == b"AAAA"
+    assert box.queued_bytes == 0
+
+
 async def test_replace_is_refused_after_close():
     box = Outbox(FakeTransport())
     item = box.send_nowait(b"abc")

@@ -33,7 +33,7 @@ COPY_MAX = 128 << 10
 
 class Outbox:
     __slots__ = ("_transport", "_queue", "_queued", "_work", "_space", "_closed", "high_water",
-                 "_error", "sent_frames", "batches", "finished", "_torn")
+                 "_error", "sent_frames", "batches", "finished", "_torn", "_writing")
 
     def __init__(self, transport, *, high_water: int = 4 << 20) -> None:
         self._transport = transport
@@ -49,6 +49,7 @@ class Outbox:
         self.batches = 0
         self.finished = trio.Event()
         self._torn = False  # the writer died with a frame half sent: the stream is unusable
+        self._writing = 0  # frames at the head of the queue handed to the transport right now
 
     @property
     def queued_bytes(self) -> int:
@@ -89,6 +90,9 @@ class Outbox:
         old = item[0]
         if self._closed or type(old) is not bytes:  # sent (None) or partly sent (a view)
             return False
+        queue = self._queue
+        if any(queue[i] is item for i in range(min(self._writing, len(queue)))):
+            return False  # the writer is sending it: its bytes are already on their way
         self._queued += len(frame) - len(old)
         item[0] = frame
         return True
@@ -140,7 +144,11 @@ class Outbox:
                         return
                     await self._work.park()
                 views = [queue[i][0] for i in range(min(len(queue), IOV_MAX))]
-                n = await transport.write_some(views)
+                self._writing = len(views)
+                try:
+                    n = await transport.write_some(views)
+                finally:
+                    self._writing = 0
                 self.batches += 1
                 self._queued -= n
                 while queue:
