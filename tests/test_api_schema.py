@@ -20,7 +20,7 @@ from schemathesis.checks import (
 
 from trisocks.management import ApiKey, Management, SQLiteStore
 from trisocks.management.keys import FailureLimiter
-from trisocks.management.openapi import document_dict
+from trisocks.management.registry import document_dict
 from trisocks.tunnel.server import ServerConfig
 
 from .api_support import KEY

@@ -1,10 +1,10 @@
-"""The quart-trio application: the operation table, request checking, and the app itself.
+"""The quart-trio application: the HTTP layer over the plane's services.
 
-Each endpoint is declared once with :func:`operation` (method, path, who may call it,
-the Struct its body decodes into, the Structs it answers with). That declaration
-registers the Quart route, drives validation and error answers, and is what
-``/api/openapi.json`` is generated from (openapi.py), so the schema cannot drift from
-the code.
+Each endpoint is declared once as an :class:`~.operations.Operation` (registry.py has
+the table); that declaration becomes the Quart route, drives validation and error
+answers, and is what ``/api/openapi.json`` is generated from, so the schema cannot drift
+from the code. The services raise domain errors (errors.py); :func:`domain_error` is the
+one place that turns them into status codes and bodies.
 
 Who may call what:
 
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 
 import msgspec
@@ -36,8 +34,12 @@ from werkzeug.exceptions import HTTPException
 from .._version import __version__
 from ..net import guard
 from . import schemas
+from .access import Access
 from .dates import RANGE, in_range
+from .errors import Conflict, DomainError, Invalid, InvalidField, NotFound, Refused, Unavailable
 from .keys import presented_keys
+from .operations import Call, Operation, Reply
+from .registry import operations
 
 MAX_BODY = 1 << 20
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
@@ -61,61 +63,18 @@ class ApiError(Exception):
         return schemas.Error(error=self.message)
 
 
-@dataclass
-class Reply:
-    body: object  # a Struct (JSON), or str/bytes with content_type
-    status: int = 200
-    content_type: str = "application/json"
-    headers: dict[str, str] = field(default_factory=dict)
+# what each domain error answers; the most specific class first
+_STATUS: tuple[tuple[type[DomainError], int], ...] = (
+    (InvalidField, 422), (Invalid, 400), (NotFound, 404), (Conflict, 409), (Refused, 403),
+    (Unavailable, 503))
 
 
-@dataclass
-class Call:
-    """What a handler gets: the plane, the decoded body and query, path parameters, and
-    facts about the caller."""
-
-    plane: object
-    body: object
-    query: object
-    params: dict[str, str]
-    headers: object
-    client: str
-    scheme: str
-    host: str
-
-
-Handler = Callable[[Call], Awaitable[object]]
-
-
-@dataclass
-class Operation:
-    method: str
-    path: str  # OpenAPI style: /api/users/{key}
-    handler: Handler
-    summary: str
-    tag: str
-    auth: str = "key"  # public | user | key
-    body: type | None = None
-    body_optional: bool = False  # an empty body means {}
-    body_error: str = "invalid request body"  # the 400 message for malformed JSON
-    query: type | None = None
-    responses: dict[int, tuple[type | None, str]] = field(default_factory=dict)
-    content_types: dict[int, str] = field(default_factory=dict)  # non-JSON answers
-    description: str = ""
-    operation_id: str = ""
-    hidden: bool = False  # registered, but not in the OpenAPI document
-
-
-OPERATIONS: list[Operation] = []
-
-
-def operation(method: str, path: str, *, summary: str, tag: str, **kw):
-    def register(fn: Handler) -> Handler:
-        OPERATIONS.append(Operation(method, path, fn, summary, tag,
-                                    operation_id=kw.pop("operation_id", fn.__name__), **kw))
-        return fn
-
-    return register
+def domain_error(exc: DomainError) -> ApiError:
+    """The HTTP answer to a service's refusal."""
+    for kind, status in _STATUS:
+        if isinstance(exc, kind):
+            return ApiError(status, exc.message, field=getattr(exc, "field", None))
+    return ApiError(400, exc.message)
 
 
 # -- encoding --------------------------------------------------------------------------------------
@@ -192,11 +151,11 @@ def client_host() -> str:
     return str(addr)
 
 
-def caller_address(plane) -> str:
+def caller_address(access: Access) -> str:
     """The address failed keys are counted against and logged with: the peer, or what the
-    plane's ``resolve_client`` hook makes of it (--trusted-proxy: a forwarded address)."""
+    ``resolve_client`` hook makes of it (--trusted-proxy: a forwarded address)."""
     peer = client_host()
-    resolve = getattr(plane, "resolve_client", None)
+    resolve = access.resolve_client
     return resolve(peer, request.headers) if resolve is not None else peer
 
 
@@ -210,25 +169,25 @@ def is_local_request() -> bool:
         return False
 
 
-async def check_api_key(plane) -> None:
+async def check_api_key(access: Access) -> None:
     """Raise ApiError 403/429/401 unless the caller may use the management API."""
-    if not plane.allow_remote and not is_local_request():
+    if not access.allow_remote and not is_local_request():
         raise ApiError(403, "remote management disabled")
-    address = check_rate(plane)
+    address = check_rate(access)
     for candidate in presented_keys(request.headers):
-        if await plane.api_key.verify(candidate):
-            plane.limiter.succeeded(address)
+        if await access.api_key.verify(candidate):
+            access.limiter.succeeded(address)
             return
-    plane.note_api_auth_failure(address)  # counts it against the address, and logs it
+    access.note_api_auth_failure(address)  # counts it against the address, and logs it
     raise ApiError(401, "invalid API key", headers={"WWW-Authenticate": 'Bearer realm="trisocks"'})
 
 
-def check_rate(plane) -> str:
+def check_rate(access: Access) -> str:
     """The caller's address, or ApiError 429 while it is locked out."""
-    address = caller_address(plane)
-    wait = plane.limiter.retry_after(address)
+    address = caller_address(access)
+    wait = access.limiter.retry_after(address)
     if wait:
-        plane.note_rate_limited(address)
+        access.note_rate_limited(address)
         raise ApiError(429, "too many failed attempts; retry later",
                        headers={"Retry-After": str(wait)})
     return address
@@ -246,21 +205,25 @@ def _quart_path(path: str) -> str:
 
 
 def _wrap(plane, op: Operation):
+    access: Access = plane.access
+
     async def view(**params):
         try:
             if op.auth == "key":
-                await check_api_key(plane)
+                await check_api_key(access)
             elif op.auth == "user":
-                check_rate(plane)
+                check_rate(access)
             body = None
             if op.body is not None:
                 body = decode_body(op, await request.get_data(cache=False))
             query = decode_query(op, request.args) if op.query is not None else None
-            call = Call(plane, body, query, params, request.headers, caller_address(plane),
+            call = Call(plane, body, query, params, request.headers, caller_address(access),
                         request.scheme, request.headers.get("host", ""))
             result = await op.handler(call)
         except ApiError as exc:
             return error_response(exc)
+        except DomainError as exc:
+            return error_response(domain_error(exc))
         except HTTPException:
             raise
         except Exception as exc:
@@ -282,15 +245,13 @@ def _wrap(plane, op: Operation):
 
 
 def create_app(plane) -> QuartTrio:
-    # importing the route modules fills OPERATIONS
-    from . import routes_observe, routes_tokens, routes_users  # noqa: F401
-
+    """The app over a Management (its ``access`` and services; see plane.py)."""
     app = QuartTrio("trisocks.management")
     # Quart's own report names the request path, which may hold a token or a user's key
     app.log_exception = lambda exc_info: guard.report("API request", exc_info[1])
     app.config.update(MAX_CONTENT_LENGTH=MAX_BODY, BODY_TIMEOUT=30, RESPONSE_TIMEOUT=60,
                       PROVIDE_AUTOMATIC_OPTIONS=True)
-    for op in OPERATIONS:
+    for op in operations():
         app.add_url_rule(_quart_path(op.path), view_func=_wrap(plane, op), methods=[op.method],
                          strict_slashes=False if op.path == "/" else None)
 

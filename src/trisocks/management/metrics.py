@@ -14,6 +14,7 @@ from .._version import __version__
 from ..net import guard
 from ..tunnel.tokens import digest
 from .model import TokenMeter
+from .state import PlaneState
 
 
 def _esc(value: str) -> str:
@@ -48,8 +49,9 @@ def _num(value) -> str:
     return str(int(value))
 
 
-def render(plane) -> str:
+def render(plane: PlaneState) -> str:
     server = plane.server
+    sessions = server.session_tokens()
     w = _Writer()
     w.family("trisocks_info", "gauge", "Version and hot path of this server.",
              [({"version": __version__, "implementation": IMPLEMENTATION}, 1)])
@@ -59,7 +61,7 @@ def render(plane) -> str:
              [({}, round(time.time() - plane.started_at, 3))])
 
     token_bytes, token_channels, token_conns, token_clients, providers = [], [], [], [], []
-    clients = plane._clients()
+    clients = plane.token_clients()
     kinds: dict[str, int] = {"forward": 0, "reverse": 0, "connector": 0}
     total_up = total_down = total_channels = 0
     for info in plane.tokens:
@@ -78,8 +80,7 @@ def render(plane) -> str:
         token_conns.append(({"token_id": tid, "kind": info.kind}, meter.total_connections))
         token_clients.append(({"token_id": tid, "kind": info.kind}, clients[id(info)]))
         if info.kind == "reverse":
-            service = server.services.get(info.token)
-            providers.append(({"token_id": tid}, len(service.pool) if service is not None else 0))
+            providers.append(({"token_id": tid}, server.provider_count(info.token)))
 
     user_bytes, user_channels, user_conns, user_limit, user_blocked = [], [], [], [], []
     for user in list(plane.users.values()):
@@ -100,7 +101,7 @@ def render(plane) -> str:
     w.family("trisocks_channels", "gauge", "Open channels (proxied connections).",
              [({}, total_channels)])
     roles: dict[str, int] = {}
-    for info in server.sessions.values():
+    for info in sessions:
         role = "user" if not isinstance(info.account, TokenMeter) and info.account is not None \
             else info.kind
         roles[role] = roles.get(role, 0) + 1

@@ -1,16 +1,19 @@
 """``/api/openapi.json``: OpenAPI 3.1, generated from the operation table and the very Structs
-that decode and encode the bodies (msgspec.json.schema_components)."""
+that decode and encode the bodies (msgspec.json.schema_components).
+
+:func:`build` turns a table into the document; :func:`operation` declares the endpoint that
+serves one (registry.py hands it the table's document, so this module knows no routes)."""
 
 from __future__ import annotations
 
-import functools
 import re
+from collections.abc import Callable
 
 import msgspec
 
 from .._version import __version__
 from . import schemas
-from .app import OPERATIONS, Operation
+from .operations import Call, Operation, Reply
 
 REF = "#/components/schemas/{name}"
 
@@ -81,11 +84,9 @@ def _responses(op: Operation) -> dict:
 TAG_ORDER = ("tokens (LinkSocks-compatible)", "users", "subscribe", "observability")
 
 
-@functools.cache
-def document_dict() -> dict:
-    from . import routes_observe, routes_tokens, routes_users  # noqa: F401 - they fill OPERATIONS
-
-    ops = sorted((op for op in OPERATIONS if not op.hidden),
+def build(operations: list[Operation]) -> dict:
+    """The OpenAPI document of ``operations`` (hidden ones left out), grouped by tag."""
+    ops = sorted((op for op in operations if not op.hidden),
                  key=lambda op: TAG_ORDER.index(op.tag) if op.tag in TAG_ORDER else len(TAG_ORDER))
     _, components = msgspec.json.schema_components(_struct_types(ops), ref_template=REF)
     paths: dict[str, dict] = {}
@@ -129,6 +130,13 @@ def document_dict() -> dict:
     }
 
 
-@functools.cache
-def document() -> bytes:
-    return msgspec.json.encode(document_dict())
+def operation(document: Callable[[], bytes]) -> Operation:
+    """``GET /api/openapi.json``, answering ``document()``."""
+
+    async def openapi(call: Call):
+        return Reply(document(), content_type="application/json")
+
+    return Operation("GET", "/api/openapi.json", openapi, summary="This API as OpenAPI 3.1",
+                     tag="observability", auth="public",
+                     responses={200: (None, "the OpenAPI document")},
+                     content_types={200: "application/json"})

@@ -1,75 +1,76 @@
-"""Subscribe, stats, events, health, metrics, the OpenAPI document, and the front page."""
+"""Subscribe, stats, events, health, metrics, and the front page. (``/api/openapi.json``
+is declared by openapi.py, which documents this table.)"""
 
 from __future__ import annotations
 
 from .._version import __version__
 from . import schemas as s
-from .app import Call, Reply, operation
+from .operations import Call, Operation, Reply
 
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-@operation("GET", "/", summary="Says the server runs", tag="observability", auth="public",
-           responses={200: (None, "trisocks <version> is running")},
-           content_types={200: "text/plain"}, hidden=True)
 async def front_page(call: Call):
     return Reply(f"trisocks {__version__} is running\n", content_type="text/plain; charset=utf-8")
 
 
-@operation("GET", "/api/subscribe/{key}", summary="A user's client configuration", tag="subscribe",
-           auth="user",
-           responses={200: (s.Subscription, ("JSON by default; the share link "
-                            "trisocks://KEY@HOST:PORT with Accept: text/plain")),
-                      403: (s.Error, "the user is disabled or expired"),
-                      404: (s.Error, "unknown key"), 429: (s.Error, "too many unknown keys")},
-           content_types={200: "application/json, text/plain"},
-           description="Authenticated by the user's key itself (no API key), from any address: "
-           "this is what users fetch. ``trisocks client --subscribe URL`` uses it.")
 async def subscribe(call: Call):
-    sub = call.plane.subscription(call.params["key"], call.client, call.scheme, call.host)
+    sub = call.plane.subscription(call.params["key"], call.client, call.host)
     accept = call.headers.get("accept", "")
     if "text/plain" in accept and "application/json" not in accept:
         return Reply(sub.share_link + "\n", content_type="text/plain; charset=utf-8")
     return sub
 
 
-@operation("GET", "/api/stats", summary="Live traffic figures", tag="observability",
-           responses={200: (s.Stats, "totals, per token and per user")},
-           description="Bytes each way (open connections included), open channels, WebSocket "
-           "clients and the rates over the last second.")
 async def stats(call: Call):
     return call.plane.stats()
 
 
-@operation("GET", "/api/events", summary="What happened", tag="observability", query=s.EventsQuery,
-           responses={200: (s.Events, "the most recent matching events, oldest first"),
-                      422: (s.ValidationError, "a bad query parameter")},
-           description="Authentications, token and user changes, quota hits, expiries, providers "
-           "joining and leaving, API key failures. Filters: limit, since, until (RFC 3339), "
-           "token, user (name or key), type.")
 async def events(call: Call):
     return call.plane.query_events(call.query)
 
 
-@operation("GET", "/healthz", summary="Health: database and listener", tag="observability",
-           auth="public",
-           responses={200: (s.Health, "all checks pass"), 503: (s.Health, "a check failed")})
 async def healthz(call: Call):
     health = await call.plane.health()
     return Reply(health, status=200 if health.status == "ok" else 503)
 
 
-@operation("GET", "/metrics", summary="Prometheus metrics", tag="observability",
-           responses={200: (None, "Prometheus text format 0.0.4")},
-           content_types={200: METRICS_TYPE})
 async def metrics(call: Call):
     return Reply(call.plane.metrics_text(), content_type=METRICS_TYPE)
 
 
-@operation("GET", "/api/openapi.json", summary="This API as OpenAPI 3.1", tag="observability",
-           auth="public", responses={200: (None, "the OpenAPI document")},
-           content_types={200: "application/json"})
-async def openapi(call: Call):
-    from .openapi import document
-
-    return Reply(document(), content_type="application/json")
+def operations() -> list[Operation]:
+    return [
+        Operation("GET", "/", front_page, summary="Says the server runs", tag="observability",
+                  auth="public", responses={200: (None, "trisocks <version> is running")},
+                  content_types={200: "text/plain"}, hidden=True),
+        Operation(
+            "GET", "/api/subscribe/{key}", subscribe, summary="A user's client configuration",
+            tag="subscribe", auth="user",
+            responses={200: (s.Subscription, ("JSON by default; the share link "
+                             "trisocks://KEY@HOST:PORT with Accept: text/plain")),
+                       403: (s.Error, "the user is disabled or expired"),
+                       404: (s.Error, "unknown key"), 429: (s.Error, "too many unknown keys")},
+            content_types={200: "application/json, text/plain"},
+            description="Authenticated by the user's key itself (no API key), from any address: "
+            "this is what users fetch. ``trisocks client --subscribe URL`` uses it."),
+        Operation(
+            "GET", "/api/stats", stats, summary="Live traffic figures", tag="observability",
+            responses={200: (s.Stats, "totals, per token and per user")},
+            description="Bytes each way (open connections included), open channels, WebSocket "
+            "clients and the rates over the last second."),
+        Operation(
+            "GET", "/api/events", events, summary="What happened", tag="observability",
+            query=s.EventsQuery,
+            responses={200: (s.Events, "the most recent matching events, oldest first"),
+                       422: (s.ValidationError, "a bad query parameter")},
+            description="Authentications, token and user changes, quota hits, expiries, providers "
+            "joining and leaving, API key failures. Filters: limit, since, until (RFC 3339), "
+            "token, user (name or key), type."),
+        Operation("GET", "/healthz", healthz, summary="Health: database and listener",
+                  tag="observability", auth="public",
+                  responses={200: (s.Health, "all checks pass"), 503: (s.Health, "a check failed")}),
+        Operation("GET", "/metrics", metrics, summary="Prometheus metrics", tag="observability",
+                  responses={200: (None, "Prometheus text format 0.0.4")},
+                  content_types={200: METRICS_TYPE}),
+    ]

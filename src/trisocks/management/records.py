@@ -1,0 +1,43 @@
+"""Live tokens and users as the store's rows, and users back from them."""
+
+from __future__ import annotations
+
+import time
+
+from ..tunnel.tokens import TokenInfo
+from .model import REASON_EXPIRED, REASON_LIMIT, Meter, TokenMeter, UserAccount
+from .store import TokenRecord, UserRecord
+
+
+def token_record(info: TokenInfo) -> TokenRecord:
+    meter = info.account
+    up, down = meter.totals() if isinstance(meter, Meter) else (0, 0)
+    return TokenRecord(
+        token=info.token, kind=info.kind,
+        origin=meter.origin if isinstance(meter, TokenMeter) and meter.origin != "runtime" else "api",
+        port=info.port, username=info.username, password=info.password,
+        allow_manage_connector=info.allow_manage_connector, reverse_token=info.reverse_token,
+        created_at=getattr(meter, "created_at", time.time()), bytes_up=up, bytes_down=down,
+        total_connections=getattr(meter, "total_connections", 0))
+
+
+def user_record(user: UserAccount, **override) -> UserRecord:
+    up, down = user.totals()
+    rec = UserRecord(id=user.id, key=user.key, name=user.name, limit_bytes=user.limit_bytes,
+                     expires_at=user.expires_at, status=user.status, created_at=user.created_at,
+                     last_seen=user.last_seen, bytes_up=up, bytes_down=down,
+                     total_connections=user.total_connections)
+    for name, value in override.items():
+        setattr(rec, name, value)
+    return rec
+
+
+def user_from_record(rec: UserRecord) -> UserAccount:
+    user = UserAccount(id=rec.id, key=rec.key, name=rec.name, limit_bytes=rec.limit_bytes,
+                       expires_at=rec.expires_at, status=rec.status,
+                       created_at=rec.created_at, bytes_up=rec.bytes_up,
+                       bytes_down=rec.bytes_down, total_connections=rec.total_connections,
+                       last_seen=rec.last_seen)
+    user.quota_noted = user.refuse_reason() == REASON_LIMIT
+    user.expiry_noted = user.refuse_reason() == REASON_EXPIRED
+    return user

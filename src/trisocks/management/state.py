@@ -1,0 +1,72 @@
+"""The one state every service of the plane works on, and the few things they all need.
+
+Every change made through the API is serialised by ``lock`` and committed to the store
+before it takes effect and before the API answers; the flusher takes the same lock, so a
+counter flush never overwrites a reset or a rotation it raced with.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import trio
+
+from .errors import Unavailable
+from .events import EventLog
+from .model import ManagedTokenTable, UserAccount
+from .store import Store, StoreError
+
+if TYPE_CHECKING:
+    from .tunnel import Tunnel
+
+log = logging.getLogger("trisocks.management")
+
+
+class PlaneState:
+    def __init__(self, store: Store, tokens: ManagedTokenTable) -> None:
+        self.store = store
+        self.tokens = tokens
+        self.users: dict[str, UserAccount] = {}  # by key
+        self.users_by_name: dict[str, UserAccount] = {}  # the same users; reverse SOCKS5 ports read it
+        self.events = EventLog()
+        self.lock = trio.Lock()
+        self.server: Tunnel | None = None
+        self.started_at = time.time()
+        self.store_error: str | None = None
+        self.flushes = 0
+        self.flush_failures = 0
+        self.listening = False
+        self.wake = trio.Event()  # set: the enforcer looks at the users now
+
+    def wake_enforcer(self) -> None:
+        self.wake.set()
+
+    async def persist(self, awaitable) -> None:
+        """Await a store write; a failure becomes Unavailable (nothing changed)."""
+        try:
+            await awaitable
+        except StoreError as exc:
+            log.error("database write failed: %s", exc)
+            raise Unavailable("database unavailable") from None
+
+    def cut(self, user: UserAccount, reason: str, *, sessions: bool) -> None:
+        """Close the user's open channels, and with ``sessions`` their WebSocket sessions."""
+        user.close_channels(reason)
+        if sessions and self.server is not None:
+            self.server.close_sessions_of(user, reason)
+
+    def token_clients(self) -> Counter:
+        """Open sessions per token (keyed by id of its TokenInfo)."""
+        return Counter(id(info) for info in self.server.session_tokens())
+
+    def user_clients(self) -> Counter:
+        """Open sessions per user id."""
+        return Counter(info.account.id for info in self.server.session_tokens()
+                       if isinstance(info.account, UserAccount))
+
+    def quota_reached(self, user: UserAccount) -> None:
+        self.events.add("quota_exceeded", user=user.name, detail=f"limit {user.limit_bytes} bytes")
+        log.info("user %s reached the traffic limit", user.name)

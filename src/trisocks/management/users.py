@@ -1,0 +1,168 @@
+"""The user API: access keys with traffic accounting, limits, expiry, status and rotation.
+
+An API change that forbids live traffic (disable, limit lowered, expiry in the past,
+rotate, delete) closes the user's channels, and sessions where the key no longer works,
+at once; the enforcer (loops.py) handles what time does.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import Counter
+
+from .._version import __version__
+from ..tunnel.tokens import FORWARD, RESERVED, TokenInfo, generate
+from . import schemas as s
+from .dates import rfc3339
+from .errors import Conflict, Invalid, NotFound
+from .model import DISABLED, REASON_DISABLED, REASON_EXPIRED, UserAccount
+from .records import user_record
+from .state import PlaneState
+
+log = logging.getLogger("trisocks.management")
+
+
+def new_user_key() -> str:
+    return generate(24)  # 32 characters, 192 bits
+
+
+class UserService:
+    def __init__(self, state: PlaneState) -> None:
+        self.state = state
+
+    def _user(self, key: str) -> UserAccount:
+        user = self.state.users.get(key)
+        if user is None:
+            raise NotFound("user not found")
+        return user
+
+    def view(self, user: UserAccount, clients: Counter | None = None) -> s.User:
+        up, down = user.totals()
+        if clients is None:
+            clients = self.state.user_clients()
+        return s.User(key=user.key, name=user.name, id=user.id, bytes_up=up, bytes_down=down,
+                      connections=len(user.channels), total_connections=user.total_connections,
+                      clients=clients.get(user.id, 0),
+                      limit_bytes=user.limit_bytes, expires_at=rfc3339(user.expires_at),
+                      status=user.status, blocked=user.refuse_reason(),
+                      created_at=rfc3339(user.created_at), last_seen=rfc3339(user.last_seen))
+
+    def server_status(self) -> s.ServerStatus:
+        return s.ServerStatus(version=__version__,
+                              uptime_seconds=round(time.time() - self.state.started_at, 3),
+                              total_users=len(self.state.users), status="running")
+
+    def list(self) -> s.UserList:
+        clients = self.state.user_clients()
+        users = [self.view(u, clients) for u in self.state.users.values()]
+        return s.UserList(users=users, total=len(users))
+
+    def get(self, key: str) -> s.User:
+        return self.view(self._user(key))
+
+    async def create(self, req: s.UserCreate) -> s.User:
+        st = self.state
+        user_id = secrets.token_hex(8)
+        key = req.key if req.key is not s.UNSET else new_user_key()
+        name = req.name if req.name is not s.UNSET else f"user-{user_id[:8]}"
+        if key == RESERVED:
+            raise Invalid(f"'{RESERVED}' is reserved and cannot be used as a key")
+        async with st.lock:
+            if key in st.users or st.tokens.get(key) is not None:
+                raise Conflict("key already exists")
+            if name in st.users_by_name:
+                raise Conflict("name already exists")
+            user = UserAccount(id=user_id, key=key, name=name, limit_bytes=req.limit_bytes,
+                               expires_at=req.expires_at.timestamp() if req.expires_at else None,
+                               status=req.status)
+            user.on_quota = st.quota_reached
+            await st.persist(st.store.put_user(user_record(user)))
+            st.users[key] = user
+            st.users_by_name[name] = user
+            st.tokens.add(TokenInfo(key, FORWARD, account=user))
+            st.wake_enforcer()
+        st.events.add("user_created", user=name)
+        log.info("API: user %s created", name)
+        return self.view(user)
+
+    async def delete(self, key: str) -> s.Deleted:
+        st = self.state
+        async with st.lock:
+            user = self._user(key)
+            await st.persist(st.store.delete_user(user.id))
+            del st.users[key]
+            st.users_by_name.pop(user.name, None)
+            st.tokens.remove(key)
+            user.status = DISABLED
+            user.update_allow()
+            st.cut(user, "user deleted", sessions=True)
+        st.events.add("user_deleted", user=user.name)
+        log.info("API: user %s deleted", user.name)
+        return s.Deleted(key=key)
+
+    async def update(self, key: str, **changes) -> s.User:
+        """Change status, name, limit_bytes and/or expires_at; cut live traffic they forbid."""
+        st = self.state
+        async with st.lock:
+            user = self._user(key)
+            fields = {}
+            if "status" in changes:
+                fields["status"] = changes["status"]
+            if "name" in changes and changes["name"] != user.name:
+                if changes["name"] in st.users_by_name:
+                    raise Conflict("name already exists")
+                fields["name"] = changes["name"]
+            if "limit_bytes" in changes:
+                fields["limit_bytes"] = changes["limit_bytes"]
+            if "expires_at" in changes:
+                when = changes["expires_at"]
+                fields["expires_at"] = when.timestamp() if when is not None else None
+            await st.persist(st.store.put_user(user_record(user, **fields)))
+            if "name" in fields:
+                st.users_by_name.pop(user.name, None)
+                st.users_by_name[fields["name"]] = user
+            for name, value in fields.items():
+                setattr(user, name, value)
+            user.update_allow()
+            if "limit_bytes" in fields:
+                user.quota_noted = False  # a new limit: crossing it is news again
+            after = user.refuse_reason()
+            if after is not None:
+                # disabled or expired: the key no longer opens a session either
+                st.cut(user, after, sessions=after in (REASON_DISABLED, REASON_EXPIRED))
+                if after == REASON_EXPIRED:
+                    user.expiry_noted = True
+            st.wake_enforcer()
+        detail = ", ".join(f"{k}={v}" for k, v in fields.items())
+        st.events.add("user_updated", user=user.name, detail=detail or None)
+        log.info("API: user %s updated (%s)", user.name, ", ".join(fields) or "no change")
+        return self.view(user)
+
+    async def reset(self, key: str) -> s.User:
+        st = self.state
+        async with st.lock:
+            user = self._user(key)
+            await st.persist(st.store.reset_user(user.id))
+            user.reset()
+            user.flushed = (0, 0, *user.flushed[2:])
+        st.events.add("user_reset", user=user.name)
+        log.info("API: user %s counters reset", user.name)
+        return self.view(user)
+
+    async def rotate(self, key: str) -> s.User:
+        st = self.state
+        async with st.lock:
+            user = self._user(key)
+            new_key = new_user_key()
+            await st.persist(st.store.put_user(user_record(user, key=new_key)))
+            st.tokens.remove(key)
+            del st.users[key]
+            st.cut(user, "key rotated", sessions=True)
+            user.key = new_key
+            st.users[new_key] = user
+            st.tokens.add(TokenInfo(new_key, FORWARD, account=user))
+        st.events.add("user_rotated", user=user.name)
+        log.info("API: user %s has a new key", user.name)
+        return self.view(user)
