@@ -71,6 +71,17 @@ def test_take_unsaved_empties_and_put_back_keeps_order():
     assert [e.id for e in log.take_unsaved()] == [1, 2, 3]
 
 
+def test_put_back_past_the_bound_drops_the_oldest():
+    log = EventLog(unsaved_max=3)
+    for _ in range(3):
+        log.add("auth_failure")
+    taken = log.take_unsaved()
+    log.add("auth_failure")
+    log.add("auth_failure")
+    log.put_back(taken)  # the flush failed, and two more came meanwhile
+    assert [e.id for e in log.take_unsaved()] == [3, 4, 5]
+
+
 def test_unsaved_is_bounded():
     log = EventLog(unsaved_max=3)
     for _ in range(5):

@@ -49,8 +49,13 @@ class EventLog:
         return items
 
     def put_back(self, items: list[EventRecord]) -> None:
-        """A flush failed: keep them for the next one (oldest dropped past the bound)."""
-        self._unsaved.extendleft(reversed(items))
+        """A flush failed: keep them for the next one (oldest dropped past the bound).
+
+        They are older than anything added since, so they go in front; extendleft on a full
+        deque would push the newest out of the other end, hence the rebuild."""
+        merged = [*items, *self._unsaved]
+        self._unsaved.clear()
+        self._unsaved.extend(merged[-(self._unsaved.maxlen or len(merged)):])
 
     def query(self, *, limit: int = 100, since: float | None = None, until: float | None = None,
               token: str | None = None, user: str | None = None, type: str | None = None,

@@ -21,10 +21,9 @@ from __future__ import annotations
 import hmac
 import time
 
+from ..net.flow import UNLIMITED
 from ..tunnel.socks_server import Credentials
 from ..tunnel.tokens import TokenInfo, TokenTable
-
-UNLIMITED = 1 << 62
 
 ACTIVE = "active"
 DISABLED = "disabled"
