@@ -36,6 +36,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
 from ..net.handshake import response
+from ..wire.names import hostport
 
 log = logging.getLogger("trisocks.management.http")
 
@@ -201,7 +202,7 @@ async def serve_bound(app, bind: tuple[str, int], server_config, *,
     """``--api-bind``: the app on a listener of its own (TLS too when the tunnel has it)."""
     host, port = bind
     config = hypercorn_config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.bind = [hostport(host, port)]
     if server_config.tls_cert:
         config.certfile = server_config.tls_cert
         config.keyfile = server_config.tls_key or None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from urllib.parse import urlsplit
 
+from ..wire.names import hostport
 from . import schemas as s
 from .access import Access
 from .dates import rfc3339
@@ -50,9 +51,7 @@ class Subscriptions:
         if not hostname:
             bound = server.host
             hostname = "127.0.0.1" if bound in ("0.0.0.0", "::", "") else bound
-        if ":" in hostname:
-            hostname = f"[{hostname}]"
-        return f"{ws}://{hostname}:{server.port}"
+        return f"{ws}://{hostport(hostname, server.port)}"
 
     def get(self, key: str, client: str, host: str) -> s.Subscription:
         user = self.state.users.get(key)
@@ -67,9 +66,7 @@ class Subscriptions:
         tls = parts.scheme in ("wss", "https")
         port = parts.port or (443 if tls else 80)
         hostname = parts.hostname or "localhost"
-        if ":" in hostname:
-            hostname = f"[{hostname}]"
-        link = f"trisocks://{user.key}@{hostname}:{port}" + ("?tls=1" if tls else "")
+        link = f"trisocks://{user.key}@{hostport(hostname, port)}" + ("?tls=1" if tls else "")
         return s.Subscription(server=url, token=user.key, mode="forward",
                               socks_port=DEFAULT_SOCKS_PORT, share_link=link, name=user.name,
                               expires_at=rfc3339(user.expires_at), limit_bytes=user.limit_bytes)

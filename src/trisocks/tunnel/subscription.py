@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .._version import __version__
+from ..wire.names import hostport
 
 
 @dataclass
@@ -33,9 +34,9 @@ def parse_share_link(link: str) -> Subscribed:
     except ValueError:
         raise ValueError("a share link reads trisocks://KEY@HOST:PORT") from None
     tls = parse_qs(parts.query).get("tls", ["0"])[0] in ("1", "true")
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     port = port or (443 if tls else 80)
-    return Subscribed(server=f"{'wss' if tls else 'ws'}://{host}:{port}", token=unquote(parts.username))
+    return Subscribed(server=f"{'wss' if tls else 'ws'}://{hostport(parts.hostname, port)}",
+                      token=unquote(parts.username))
 
 
 def fetch(url: str, *, ca_file: str = "", insecure: bool = False, timeout: float = 15.0) -> Subscribed:
