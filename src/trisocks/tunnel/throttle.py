@@ -68,10 +68,17 @@ class FailureLimiter:
         record = self._failures.pop(key, None)
         if record is None:
             record = deque(maxlen=self.max_failures)
-        record.append(self.clock())
-        self._failures[key] = record  # most recent last
-        while len(self._failures) > self.max_addresses:
-            self._failures.popitem(last=False)
+        now = self.clock()
+        record.append(now)
+        failures = self._failures
+        failures[key] = record  # most recent last
+        # forget sources whose last failure has aged out (they are first in line), so memory
+        # follows the failures of the last window rather than every source ever seen
+        while failures:
+            oldest = next(iter(failures.values()))
+            if now - oldest[-1] < self.window and len(failures) <= self.max_addresses:
+                break
+            failures.popitem(last=False)
 
     def succeeded(self, address: str) -> None:
         """Kept for callers; deliberately forgets nothing (failures decay with time only)."""
