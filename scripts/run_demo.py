@@ -5,16 +5,22 @@ Starts `trisocks server` on 127.0.0.1:8765 with the management API on, and
 state and logs under .run/: the token (.run/token), the API key (.run/api-key,
 generated once and printed that time), and the database of users, tokens and
 counters (.run/trisocks.db). A restart reuses all three. Ctrl-C stops both.
+
+It also serves a small page on 127.0.0.1 (the WebSocket port + 1) to fetch through the
+tunnel: the server refuses to connect a tunnel user to its own ports (docs/security.md),
+so its front page is not the thing to try.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -51,7 +57,7 @@ def wait_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 20.
 def fail(message: str, log: Path | None = None) -> None:
     print(f"\nmake run: {message}", file=sys.stderr)
     if log is not None and log.exists():
-        print(f"--- last lines of {log.relative_to(ROOT)} ---", file=sys.stderr)
+        print(f"--- last lines of {log} ---", file=sys.stderr)
         print("\n".join(log.read_text(errors="replace").splitlines()[-20:]), file=sys.stderr)
     stop_all()
     sys.exit(1)
@@ -93,31 +99,56 @@ def secret_file(path: Path, nbytes: int) -> tuple[str, bool]:
     return value, True
 
 
+DEMO_PAGE = b"Hello from the trisocks demo page: this came through the tunnel.\n"
+
+
+class _DemoPage(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(DEMO_PAGE)))
+        self.end_headers()
+        self.wfile.write(DEMO_PAGE)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve_demo_page(port: int) -> None:
+    page = http.server.ThreadingHTTPServer(("127.0.0.1", port), _DemoPage)
+    threading.Thread(target=page.serve_forever, daemon=True).start()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ws-port", type=int, default=8765)
     parser.add_argument("--socks-port", type=int, default=9870)
+    parser.add_argument("--state", type=Path, default=STATE, help="where state and logs go (.run)")
     args = parser.parse_args()
+    state = args.state
 
-    STATE.mkdir(exist_ok=True)
-    token, _ = secret_file(STATE / "token", 16)
-    api_key, new_key = secret_file(STATE / "api-key", 24)
+    state.mkdir(parents=True, exist_ok=True)
+    token, _ = secret_file(state / "token", 16)
+    api_key, new_key = secret_file(state / "api-key", 24)
 
-    for what, port in (("server", args.ws_port), ("SOCKS5", args.socks_port)):
+    page_port = args.ws_port + 1
+    for what, port in (("server", args.ws_port), ("SOCKS5", args.socks_port),
+                       ("demo page", page_port)):
         if not port_free("127.0.0.1", port):
             fail(f"port {port} for the {what} is in use (another `make run`?). Stop it, or pass "
                  f"ARGS='--ws-port N --socks-port M'.")
 
-    server_log, client_log = STATE / "server.log", STATE / "client.log"
+    server_log, client_log = state / "server.log", state / "client.log"
     # The API key goes in the environment: a command line is visible to every local user.
     server = start(["server", "-H", "127.0.0.1", "-P", str(args.ws_port), "-t", token,
-                    "--db", str(STATE / "trisocks.db")], server_log,
+                    "--db", str(state / "trisocks.db")], server_log,
                    env={"TRISOCKS_API_KEY": api_key})
     wait_port(args.ws_port, server, server_log)
     url = f"ws://127.0.0.1:{args.ws_port}"
     client = start(["client", "-u", url, "-t", token, "-s", "127.0.0.1", "-p", str(args.socks_port)],
                    client_log)
     wait_port(args.socks_port, client, client_log)
+    serve_demo_page(page_port)
 
     socks = f"127.0.0.1:{args.socks_port}"
     api = f"http://127.0.0.1:{args.ws_port}"
@@ -134,8 +165,8 @@ trisocks is running: a server and a client, both on this machine.
 
 Paste these in another terminal (from this directory):
 
-  # through the tunnel to the server's own front page
-  curl --socks5-hostname {socks} http://127.0.0.1:{args.ws_port}/
+  # through the tunnel to a page this demo serves on 127.0.0.1:{page_port}
+  curl --socks5-hostname {socks} http://127.0.0.1:{page_port}/
 
   # any site, if this machine has Internet access
   curl --socks5-hostname {socks} https://example.com/
