@@ -115,14 +115,16 @@ async def test_a_small_borrowed_frame_that_must_wait_is_copied():
     box = Outbox(t)
     buf = bytearray(b"original")
     with trio.move_on_after(5) as scope:  # no writer running: it must not wait for one
-        await box.send_borrowed(memoryview(buf))
+        sent = await box.send_borrowed(memoryview(buf))
     assert not scope.cancelled_caught
+    assert sent is not None and not sent.is_set()  # ...but the caller can wait for the copy
     buf[:] = b"REUSED!!"  # the caller refills its buffer at once
     async with trio.open_nursery() as nursery:
         nursery.start_soon(box.run)
         await trio.testing.wait_all_tasks_blocked()
         t.grant()
         await trio.testing.wait_all_tasks_blocked()
+        assert sent.is_set()
         box.close()
     assert bytes(t.written) == b"original"
 

@@ -243,6 +243,7 @@ class Channel(Delivery):
                     # the WebSocket is backed up: read no more (and hold no buffer) until it drains
                     await outbox.wait_for_space()
                 item = pool.get()
+                sent = None
                 try:
                     buf, view = item
                     want = CHUNK if self.credit > CHUNK else self.credit
@@ -260,7 +261,7 @@ class Channel(Delivery):
                         error = account.refuse_reason() or "traffic limit reached"
                         break
                     start = encode_data(buf, HEADROOM, n, cid, session.mask_key())
-                    await outbox.send_borrowed(view[start : HEADROOM + n])
+                    sent = await outbox.send_borrowed(view[start : HEADROOM + n])
                     self.credit -= n
                     self.bytes_up += n
                     if session.trace:
@@ -268,6 +269,8 @@ class Channel(Delivery):
                 finally:
                     if item is not None:
                         pool.put(item)
+                if sent is not None:  # a small frame was copied: wait for it without the buffer
+                    await sent.wait()
                 await checkpoint()
         except (OSError, trio.ClosedResourceError) as exc:
             if isinstance(exc, OSError):

@@ -13,8 +13,9 @@ Two ways in:
   buffer. It returns once the kernel has the bytes, so the buffer can be
   refilled: this is the zero-copy data path, and also the backpressure (a
   channel has at most one frame in flight). A small frame that has to wait is
-  copied instead, so a waiting frame never pins a buffer much larger than
-  itself (1000 channels with a few bytes each must not hold 1000 MiB buffers).
+  copied instead and the caller gets an event to wait on with its buffer already
+  back in the pool, so a waiting frame never pins a buffer much larger than itself
+  (1000 channels with a few bytes each must not hold 1000 MiB buffers).
 """
 
 from __future__ import annotations
@@ -97,8 +98,13 @@ class Outbox:
         item[0] = frame
         return True
 
-    async def send_borrowed(self, frame) -> None:
-        """Send a frame from a buffer the caller will reuse; return when the kernel has it."""
+    async def send_borrowed(self, frame) -> trio.Event | None:
+        """Send a frame from a buffer the caller will reuse; return when the kernel has it.
+
+        A small frame that must wait is copied: the call returns at once with an event that
+        is set when the kernel has the copy. The caller puts its buffer back, then waits on
+        the event, so the channel still has one frame in flight (and reads in large pieces
+        while it waits), but the buffer does not wait with it."""
         self._check()
         if not self._queue:
             n = self._try_send(frame)
@@ -106,12 +112,12 @@ class Outbox:
                 self.sent_frames += 1
                 return
             frame = frame[n:]
+        done = trio.Event()
         if len(frame) <= COPY_MAX:
-            self._queue.append([bytes(frame), None])
+            self._queue.append([bytes(frame), done])
             self._queued += len(frame)
             self._work.unpark()
-            return
-        done = trio.Event()
+            return done
         item = [frame, done]
         self._queue.append(item)
         self._queued += len(frame)
