@@ -53,7 +53,7 @@ command line wins over the variable.
 
 Two more variables choose the hot path (see [architecture](architecture.md)):
 `TRISOCKS_REQUIRE_COMPILED=1` makes a missing compiled extension an error, and
-`TRISOCKS_PURE=1` forces the pure-Python one. `trisocks version` says which one runs.
+`TRISOCKS_PURE=1` forces the pure-Python one. `trisocks version` (or `trisocks --version`) says which one runs.
 
 The client commands also read `HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY` and `NO_PROXY`
 for their connection to the server, unless `-E` is given: see
@@ -93,7 +93,7 @@ Supervisors, scripts and tests may wait for these client-side lines (logger
 
 | status | when |
 | --- | --- |
-| 0 | `trisocks version`, `--help` |
+| 0 | `trisocks version`, `--version`, `--help` |
 | 1 | a runtime failure: the server refused the token (never retried), the server was lost with `-R`, a port could not be opened (`cannot listen on 127.0.0.1:8765 for the server: address already in use`), logged at ERROR |
 | 2 | a usage or configuration error, before anything starts: an unknown flag, a missing or non-numeric value, no command at all, a `TRISOCKS_*` variable that does not fit its flag (only for the command that uses it), a malformed `-x` URL or proxy variable, `-n` without `-w`, `-T 0`, `-c` on a non-provider client, `-c`/`-a` without `-r`, an unreadable TLS file, an unsupported `-u` scheme. The message starts with `trisocks: error:` |
 | 0 | a client, provider or connector stopped with SIGTERM: its WebSockets were closed with a close frame (1001), so the server forgets it at once |

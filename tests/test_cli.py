@@ -85,6 +85,25 @@ def test_version_under_require_compiled_says_compiled(how):
     assert proc.stdout.strip() == f"trisocks {trisocks.__version__} (compiled hot path)"
 
 
+def test_dash_dash_version_is_the_version_command():
+    proc = run([*trisocks_cmd(), "--version"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == run([*trisocks_cmd(), "version"]).stdout.strip()
+
+
+def test_tls_cert_without_its_key_says_the_key_is_missing(tmp_path):
+    """A certificate file without a private key is a missing --tls-key, not 'PEM lib'."""
+    import trustme
+
+    cert = tmp_path / "cert.pem"
+    trustme.CA().issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(cert))
+    proc = run([*trisocks_cmd(), "server", "-H", "127.0.0.1", "-P", "0", "-t", "tok",
+                "--tls-cert", str(cert)])
+    assert proc.returncode == 2, proc.stderr
+    assert f"{cert} holds no private key; give the key file with --tls-key" in proc.stderr
+    assert "PEM lib" not in proc.stderr
+
+
 # -- hash-key ---------------------------------------------------------------------------------
 
 

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="SOCKS5 over WebSocket, wire-compatible with LinkSocks and pywssocks.",
         epilog="Run 'trisocks COMMAND --help' for the flags of a command.",
     )
+    parser.add_argument("--version", action="version", version=tools.version_line(),
+                        help="print the version and which hot path runs, and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     server.add_parser(sub)

@@ -21,8 +21,12 @@ def add_parsers(sub) -> None:
     sub.add_parser("version", help="print the version and which hot path runs")
 
 
+def version_line() -> str:
+    return f"trisocks {__version__} ({IMPLEMENTATION} hot path)"
+
+
 def cmd_version(args) -> int:
-    print(f"trisocks {__version__} ({IMPLEMENTATION} hot path)")
+    print(version_line())
     return 0
 
 

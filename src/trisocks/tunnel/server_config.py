@@ -47,6 +47,14 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = ()
 
 
+def _has_private_key(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return b"PRIVATE KEY-----" in f.read(1 << 20)
+    except OSError:
+        return False
+
+
 def tls_server_context(cert: str, key: str) -> ssl.SSLContext:
     """A server TLS context, or a ValueError saying what is wrong with the files."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -55,10 +63,13 @@ def tls_server_context(cert: str, key: str) -> ssl.SSLContext:
             raise ValueError(f"TLS: cannot read {path}: no such file")
     try:
         ctx.load_cert_chain(cert, key or None)
-    except OSError as exc:
+    except OSError as exc:  # ssl.SSLError is one too
+        if not key and not _has_private_key(cert):
+            raise ValueError(f"TLS: {cert} holds no private key; give the key file with --tls-key "
+                             "(or put the key in the same PEM file)") from None
+        if isinstance(exc, ssl.SSLError):
+            raise ValueError(f"TLS: certificate {cert} / key {key}: {exc.reason or exc}") from None
         raise ValueError(f"TLS: cannot read {exc.filename or cert}: {exc.strerror}") from None
-    except ssl.SSLError as exc:
-        raise ValueError(f"TLS: certificate {cert} / key {key}: {exc.reason or exc}") from None
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
