@@ -104,6 +104,24 @@ def test_tls_cert_without_its_key_says_the_key_is_missing(tmp_path):
     assert "PEM lib" not in proc.stderr
 
 
+@pytest.mark.parametrize("variable", ["TRISOCKS_SOCKS_NO_WAIT", "TRISOCKS_SOCKS_NOWAIT"])
+def test_socks_no_wait_has_one_variable_name_and_the_old_one_still_works(procs, variable):
+    """The client and server spell it TRISOCKS_SOCKS_NO_WAIT; the server's old spelling is still
+    honoured (the reverse port opens before any provider), with a warning that names the new one."""
+    from .support.peers import start_trisocks_reverse_server
+    from .support.procs import port_open
+
+    server, socks_port = start_trisocks_reverse_server(procs, "nowait-token")
+    server.proc.terminate()
+    argv = [*trisocks_cmd(), "server", "-H", "127.0.0.1", "-P", "0", "-r", "-t", "nowait-token",
+            "-p", str(socks_port)]
+    proc = procs.start(argv, name="trisocks-server-nowait", env=clean_env({variable: "1"}))
+    proc.wait_for_log(r"SOCKS5 port 127\.0\.0\.1:\d+")
+    proc.wait_for(lambda: port_open("127.0.0.1", socks_port), "the reverse port to open without a provider")
+    renamed = "TRISOCKS_SOCKS_NOWAIT is the old name of TRISOCKS_SOCKS_NO_WAIT"
+    assert (renamed in proc.output()) == (variable == "TRISOCKS_SOCKS_NOWAIT"), proc.describe()
+
+
 # -- hash-key ---------------------------------------------------------------------------------
 
 

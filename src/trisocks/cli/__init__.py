@@ -8,6 +8,7 @@ Every flag can also come from a ``TRISOCKS_*`` environment variable (named in
 from __future__ import annotations
 
 import argparse
+import logging
 
 import trio
 
@@ -16,6 +17,7 @@ from . import client, server, tools
 from .client import until_signal
 from .common import (
     ENV_ERRORS,
+    ENV_WARNINGS,
     TRACE,
     Formatter,
     fix_malloc_threshold,
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     for error in ENV_ERRORS.get(f"{parser.prog} {args.command}", []):
         usage_error(error)
     setup_logging(getattr(args, "debug", 0))
+    for warning in ENV_WARNINGS.get(f"{parser.prog} {args.command}", []):
+        logging.getLogger("trisocks").warning("%s", warning)
     raise_fd_limit()
     fix_malloc_threshold()
     try:

@@ -33,6 +33,7 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 ENV_ERRORS: dict[str, list[str]] = {}  # parser prog -> bad TRISOCKS_* values
+ENV_WARNINGS: dict[str, list[str]] = {}  # parser prog -> old TRISOCKS_* spellings in use
 
 
 def usage_error(message: str):
@@ -56,8 +57,16 @@ def add_option(parser, *flags, env: str, help: str, default=None, type=str, **kw
     parser.add_argument(*flags, default=default, type=type, help=f"{help}{shown} [env TRISOCKS_{env}]", **kw)
 
 
-def add_flag(parser, *flags, env: str, help: str):
-    parser.add_argument(*flags, action="store_true", default=env_bool(env),
+def add_flag(parser, *flags, env: str, help: str, old_env: str = ""):
+    """A switch whose default comes from TRISOCKS_<env>; ``old_env`` is a former spelling of
+    the variable, still honoured, with a warning when the command runs."""
+    default = env_bool(env)
+    if old_env and from_env(old_env) is not None and from_env(env) is None:
+        default = env_bool(old_env)
+        ENV_WARNINGS.setdefault(parser.prog, []).append(
+            f"TRISOCKS_{old_env} is the old name of TRISOCKS_{env}; it still works, but please "
+            f"rename it")
+    parser.add_argument(*flags, action="store_true", default=default,
                         help=f"{help} [env TRISOCKS_{env}=1]")
 
 

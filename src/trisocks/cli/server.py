@@ -44,7 +44,7 @@ def add_parser(sub) -> None:
          help="reverse mode: SOCKS5 username clients must give (with -w)")
     add_option(s, "-w", "--socks-password", env="SOCKS_PASSWORD", default="",
          help="reverse mode: SOCKS5 password clients must give (with -n)")
-    add_flag(s, "-i", "--socks-nowait", "--socks-no-wait", env="SOCKS_NOWAIT",
+    add_flag(s, "-i", "--socks-nowait", "--socks-no-wait", env="SOCKS_NO_WAIT", old_env="SOCKS_NOWAIT",
               help="reverse mode: open the SOCKS5 port at once, not when the first provider connects")
     add_list(s, "-c", "--connector-token", env="CONNECTOR_TOKEN", metavar="TOKEN",
               help="reverse mode: a connector token for the (first) reverse token; connector "
