@@ -290,6 +290,26 @@ def test_http_root_says_running_and_other_paths_404(trisocks_server):
     assert server.proc.alive()
 
 
+def test_api_calls_to_a_server_without_api_say_how_to_turn_it_on(trisocks_server):
+    server = trisocks_server()
+    for path in ("/api/status", "/metrics"):
+        answer = curl(f"{server.http_url}{path}")
+        assert answer.http_code == 404, answer
+        assert "the management API is off: start the server with -k KEY" in answer.text()
+
+
+def test_a_wrong_websocket_path_is_named_on_both_sides(trisocks_server, procs):
+    """The server's 404 names the path it expects, and the client's retry line says what to fix."""
+    server = trisocks_server()
+    answer = curl(f"{server.http_url}/tunnel", extra=["-H", "Connection: Upgrade", "-H",
+                                                       "Upgrade: websocket"])
+    assert answer.http_code == 404 and "the tunnel is on /socket" in answer.text(), answer
+    client = procs.start([*trisocks_cmd(), "client", "-u", f"{server.url}/tunnel", "-t", "test-token",
+                          "-s", "127.0.0.1", "-p", "0", "-i"], name="trisocks-client-wrong-path")
+    client.wait_for_log(r"HTTP 404\): nothing at /tunnel there \(trisocks, LinkSocks and pywssocks "
+                        r"servers use /socket\); retrying")
+
+
 # -- several WebSocket connections ---------------------------------------------------------------
 
 

@@ -230,7 +230,9 @@ async def client_handshake(transport, host_header: str, resource: str, *, window
     answer = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in event.headers}
     if not isinstance(event, h11.InformationalResponse) or event.status_code != 101:
         status = getattr(event, "status_code", 0)
-        raise HandshakeError(status, f"server refused the WebSocket upgrade (HTTP {status})")
+        hint = (f": nothing at {resource.split('?')[0]} there (trisocks, LinkSocks and pywssocks "
+                "servers use /socket)" if status == 404 else "")
+        raise HandshakeError(status, f"server refused the WebSocket upgrade (HTTP {status}){hint}")
     expected = generate_accept_token(key.encode()).decode()
     if answer.get("sec-websocket-accept") != expected:
         raise HandshakeError(101, "server sent a wrong Sec-WebSocket-Accept")

@@ -28,6 +28,7 @@ from .throttle import address_key
 log = logging.getLogger("trisocks.server")
 
 WS_PATHS = ("/socket", "/socket/")
+API_PATHS = ("/api/", "/api", "/healthz", "/metrics")  # what the management app answers
 
 # websocket(transport, request, peer, client address, ticket, front-door scope): the upgrade
 WebSocketRoute = Callable[..., Awaitable[None]]
@@ -114,6 +115,13 @@ class FrontDoor:
             await reply(transport, response(200, "" if req.method == "HEAD" else body))
         elif req.method not in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"):
             await reply(transport, error_response(405, "method not allowed"))
+        elif req.is_websocket():
+            await reply(transport, error_response(
+                404, f"no WebSocket endpoint at {req.path}: the tunnel is on {WS_PATHS[0]}"))
+        elif req.path.startswith(API_PATHS):
+            await reply(transport, error_response(
+                404, "the management API is off: start the server with -k KEY (or TRISOCKS_API_KEY) "
+                     "to turn it on (docs/api.md)"))
         else:
             await reply(transport, error_response(404, "not found"))
 
