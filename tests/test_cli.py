@@ -310,6 +310,22 @@ def test_a_wrong_websocket_path_is_named_on_both_sides(trisocks_server, procs):
                         r"servers use /socket\); retrying")
 
 
+@pytest.mark.parametrize("url", ["example.com", "example.com:443", "example.com/socket"])
+def test_a_server_url_without_scheme_is_refused_with_both_forms(url):
+    proc = run([*trisocks_cmd(), "client", "-u", url, "-t", "tok"])
+    assert proc.returncode == 2, proc.stderr
+    host = url.split("/")[0]
+    assert f"write ws://{host} for plain WebSocket or wss://{host} for WebSocket over TLS" in proc.stderr
+
+
+def test_a_server_url_without_scheme_but_with_a_port_is_plain_websocket(trisocks_server,
+                                                                         trisocks_client,
+                                                                         payload_server):
+    server = trisocks_server()
+    client = trisocks_client(f"127.0.0.1:{server.port}")
+    fetch_ok(client, payload_server)
+
+
 # -- several WebSocket connections ---------------------------------------------------------------
 
 

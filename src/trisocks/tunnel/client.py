@@ -138,8 +138,20 @@ def url_auth_resource(resource: str, token: str, reverse: bool, instance: bytes)
 
 
 def parse_url(url: str) -> Endpoint:
-    """Accept ws/wss/http/https URLs (LinkSocks style); an empty path means /socket."""
+    """Accept ws/wss/http/https URLs (LinkSocks style); an empty path means /socket.
+
+    Without a scheme, plain WebSocket is assumed only when a port says where: ``host`` alone
+    (80? 443?) and ``host:443`` (a TLS port) are refused with the forms to choose from."""
     if "://" not in url:
+        bare = urlsplit("//" + url)
+        try:
+            port = bare.port
+        except ValueError:
+            port = None
+        if port is None or port == 443:
+            host = url.split("/")[0]
+            raise ValueError(f"the server URL {url!r} has no scheme: write ws://{host} for plain "
+                             f"WebSocket or wss://{host} for WebSocket over TLS")
         url = "ws://" + url
     parts = urlsplit(url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme.lower(), parts.scheme.lower())
