@@ -27,6 +27,7 @@ from .support.peers import (
     start_trisocks_reverse_server,
     start_trisocks_server,
 )
+from .support.socks import recv_exact
 
 TOKEN = "harden-socks-token-0123"
 CONNECTOR = "harden-socks-connector-0123"
@@ -77,16 +78,6 @@ def alive(*procs) -> None:
 
 # -- raw SOCKS5 -------------------------------------------------------------------------------
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
 def _connect(port: int, src: str = ATTACKER) -> socket.socket:
     s = socket.socket()
     s.settimeout(15)
@@ -106,13 +97,13 @@ def ipv4(host: str, port: int) -> bytes:
 def greet(s: socket.socket, auth: tuple[bytes, bytes] | None = None) -> int | None:
     """Greeting (and RFC 1929 exchange); the auth status, or None without auth."""
     s.sendall(b"\x05\x01" + (b"\x02" if auth else b"\x00"))
-    ver, method = _recv_exact(s, 2)
+    ver, method = recv_exact(s, 2)
     assert ver == 5 and method == (2 if auth else 0), f"method {method}"
     if not auth:
         return None
     user, password = auth
     s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
-    return _recv_exact(s, 2)[1]
+    return recv_exact(s, 2)[1]
 
 
 def request(port: int, address: bytes, *, cmd: int = 1, auth=None, src: str = ATTACKER) -> int:
@@ -120,7 +111,7 @@ def request(port: int, address: bytes, *, cmd: int = 1, auth=None, src: str = AT
     with _connect(port, src) as s:
         greet(s, auth)
         s.sendall(bytes([5, cmd, 0]) + address)
-        return _recv_exact(s, 3)[1]
+        return recv_exact(s, 3)[1]
 
 
 def login(port: int, user: bytes, password: bytes, src: str = ATTACKER) -> int:

@@ -23,7 +23,8 @@ class Handshake:
     closed_early: bool = False  # the proxy closed before answering the last step
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes, or EOFError if the peer closes first."""
     data = b""
     while len(data) < n:
         chunk = sock.recv(n - len(data))
@@ -50,16 +51,16 @@ def encode_address(host: str, port: int, atyp: str | None = None) -> bytes:
 
 
 def _read_address(sock: socket.socket) -> tuple[str, int]:
-    atyp = _recv_exact(sock, 1)[0]
+    atyp = recv_exact(sock, 1)[0]
     if atyp == 1:
-        host = socket.inet_ntop(socket.AF_INET, _recv_exact(sock, 4))
+        host = socket.inet_ntop(socket.AF_INET, recv_exact(sock, 4))
     elif atyp == 4:
-        host = socket.inet_ntop(socket.AF_INET6, _recv_exact(sock, 16))
+        host = socket.inet_ntop(socket.AF_INET6, recv_exact(sock, 16))
     elif atyp == 3:
-        host = _recv_exact(sock, _recv_exact(sock, 1)[0]).decode("latin-1")
+        host = recv_exact(sock, recv_exact(sock, 1)[0]).decode("latin-1")
     else:
         raise ValueError(f"bad ATYP {atyp} in reply")
-    return host, struct.unpack("!H", _recv_exact(sock, 2))[0]
+    return host, struct.unpack("!H", recv_exact(sock, 2))[0]
 
 
 def handshake(proxy: tuple[str, int], host: str, port: int, *, command: int = CONNECT,
@@ -75,7 +76,7 @@ def handshake(proxy: tuple[str, int], host: str, port: int, *, command: int = CO
     try:
         sock.sendall(b"\x05" + bytes([len(methods)]) + methods)
         try:
-            ver, result.method = _recv_exact(sock, 2)
+            ver, result.method = recv_exact(sock, 2)
         except EOFError:
             result.closed_early = True
             return result
@@ -87,7 +88,7 @@ def handshake(proxy: tuple[str, int], host: str, port: int, *, command: int = CO
             pw = (password or "").encode()
             sock.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(pw)]) + pw)
             try:
-                _ver, result.auth_status = _recv_exact(sock, 2)
+                _ver, result.auth_status = recv_exact(sock, 2)
             except EOFError:
                 result.closed_early = True
                 return result
@@ -95,7 +96,7 @@ def handshake(proxy: tuple[str, int], host: str, port: int, *, command: int = CO
                 return result
         sock.sendall(b"\x05" + bytes([command, 0]) + encode_address(host, port, atyp))
         try:
-            ver, result.reply, _rsv = _recv_exact(sock, 3)
+            ver, result.reply, _rsv = recv_exact(sock, 3)
             result.bound = _read_address(sock)
         except EOFError:
             result.closed_early = True
