@@ -140,8 +140,11 @@ def main() -> None:
 
     server_log, client_log = state / "server.log", state / "client.log"
     # The API key goes in the environment: a command line is visible to every local user.
+    # users (API-made keys) reach only the public internet by default (docs/policy.md); the
+    # demo page is opened to them explicitly
     server = start(["server", "-H", "127.0.0.1", "-P", str(args.ws_port), "-t", token,
-                    "--db", str(state / "trisocks.db")], server_log,
+                    "--db", str(state / "trisocks.db"), "--allow", f"127.0.0.1:{page_port}"],
+                   server_log,
                    env={"TRISOCKS_API_KEY": api_key})
     wait_port(args.ws_port, server, server_log)
     url = f"ws://127.0.0.1:{args.ws_port}"
@@ -179,7 +182,9 @@ Paste these in another terminal (from this directory):
   curl -H "X-API-Key: $(cat .run/api-key)" -X POST \\
        -d '{{"name": "alice", "limit_bytes": 1073741824}}' {api}/api/users
 
-  # then a client with alice's key (the "key" in the answer above)
+  # then a client with alice's key (the "key" in the answer above); users reach the
+  # public internet and, by this demo's --allow, its page, not the rest of this machine
+  # (docs/policy.md)
   .venv/bin/trisocks client --subscribe {api}/api/subscribe/ALICES_KEY -p {args.socks_port + 2}
 
 Press Ctrl-C to stop.

@@ -19,6 +19,7 @@ import httpx
 import trio
 
 from trisocks.management import ApiKey, Management, MemoryStore
+from trisocks.policy.rules import RuleSet
 from trisocks.tunnel.client import Client, ClientConfig
 from trisocks.tunnel.server import Server, ServerConfig
 from trisocks.wire.errors import AuthError
@@ -112,6 +113,9 @@ def _leaves(group: BaseException):
         yield group
 
 
+LOCAL_TARGETS = RuleSet.parse(["deny own", "allow loopback"])
+
+
 @asynccontextmanager
 async def running_api(*, store=None, key: str = KEY, tokens: Sequence[str] = (),
                       server_cfg: dict | None = None, **opts):
@@ -119,7 +123,10 @@ async def running_api(*, store=None, key: str = KEY, tokens: Sequence[str] = (),
     plane = Management(store if store is not None else MemoryStore(), api_key=ApiKey(key), **opts)
     for token in tokens:
         plane.tokens.add_forward(token)
-    server = plane.create_server(ServerConfig(ws_host=HOST, ws_port=0, **(server_cfg or {})))
+    # users may reach the test's local targets (as `--deny own --allow loopback` would let
+    # them); the tests of the defaults give rules of their own
+    cfg = {"rules": LOCAL_TARGETS, **(server_cfg or {})}
+    server = plane.create_server(ServerConfig(ws_host=HOST, ws_port=0, **cfg))
     async with trio.open_nursery() as nursery:
         port = await nursery.start(plane.run)
         api = Api(plane, server, port, key)
@@ -151,9 +158,14 @@ _READY = re.compile(r"(?<!proxy )listening on 127\.0\.0\.1:(\d+)")
 
 def start_api_server(procs: ProcessFactory, *, db, key: str = KEY, tokens: Sequence[str] = (),
                      extra: Sequence[str] = (), debug: bool = False, env: dict | None = None,
-                     key_in_env: bool = False, name: str = "api-server") -> Peer:
-    """``trisocks server`` with the API on and ``--db db``; ready when its port accepts."""
+                     key_in_env: bool = False, name: str = "api-server",
+                     local_targets: bool = True) -> Peer:
+    """``trisocks server`` with the API on and ``--db db``; ready when its port accepts.
+    With ``local_targets`` users may reach the test's targets on loopback (never the
+    server's own listeners), as ``--deny own --allow loopback`` lets them."""
     argv = [*trisocks_cmd(), "server", "-H", HOST, "-P", "0", "--db", str(db)]
+    if local_targets:
+        argv += ["--deny", "own", "--allow", "loopback"]
     environment = clean_env() if env is None else dict(env)
     if key_in_env:
         environment["TRISOCKS_API_KEY"] = key

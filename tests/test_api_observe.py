@@ -96,8 +96,24 @@ async def test_events_and_their_filters():
         nursery.cancel_scope.cancel()
 
 
+async def test_per_owner_series_are_off_by_default_and_capped_when_on():
+    for cap, shown in ((0, 0), (2, 2)):
+        async with running_api(tokens=["cap-token-0001"], metrics_per_owner=cap) as api:
+            for i in range(3):
+                await api.create_user(name=f"u{i}")
+            text = (await api.get("/metrics")).text
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for f in text_string_to_metric_families(text) for s in f.samples}
+            users = {dict(labels)["user"] for name, labels in samples
+                     if name == "trisocks_user_channels"}
+            assert len(users) == shown
+            assert samples[("trisocks_metrics_owners_omitted", (("owner", "user"),))] == 3 - shown
+            assert samples[("trisocks_users", ())] == 3
+
+
 async def test_metrics_parse_with_the_prometheus_parser():
-    async with running_api(tokens=["metrics-token-1"]) as api, trio.open_nursery() as nursery:
+    async with running_api(tokens=["metrics-token-1"], metrics_per_owner=10) as api, \
+            trio.open_nursery() as nursery:
         echo = await serve_tcp(nursery, echo_handler)
         user = await api.create_user(name="metrics.user+1@example", limit_bytes=10 * MiB)
         socks = await api.client(nursery, user["key"])
@@ -137,7 +153,8 @@ async def test_the_openapi_document_covers_every_endpoint():
             ("patch", "/api/users/{key}"), ("post", "/api/users/{key}/reset"),
             ("post", "/api/users/{key}/rotate"), ("get", "/api/subscribe/{key}"),
             ("get", "/api/stats"), ("get", "/api/events"), ("get", "/healthz"), ("get", "/metrics"),
-            ("get", "/api/openapi.json"),
+            ("get", "/api/openapi.json"), ("get", "/api/tokens/{token}"),
+            ("patch", "/api/tokens/{token}"),
         }
         assert {(m, p) for p, ops in paths.items() for m in ops} == expected
         schemas = doc["components"]["schemas"]

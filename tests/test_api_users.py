@@ -28,7 +28,7 @@ from .support.peers import start_trisocks_client
 
 USER_FIELDS = {"key", "name", "id", "bytes_up", "bytes_down", "connections", "total_connections",
                "clients", "limit_bytes", "expires_at", "status", "blocked", "created_at",
-               "last_seen"}
+               "last_seen", "policy", "rules_in_force", "live"}
 CUT_WITHIN = 1.0  # seconds: how fast a change must reach live traffic
 
 
@@ -105,7 +105,13 @@ async def test_user_endpoints_and_fields():
         assert anon | {"key": None, "name": None, "id": None, "created_at": None} == {
             "key": None, "name": None, "id": None, "created_at": None, "bytes_up": 0, "bytes_down": 0,
             "connections": 0, "total_connections": 0, "clients": 0, "limit_bytes": None,
-            "expires_at": None, "status": "active", "blocked": None, "last_seen": None}
+            "expires_at": None, "status": "active", "blocked": None, "last_seen": None,
+            "policy": {},
+            "rules_in_force": [{"level": "server", "rules": ["deny own", "allow loopback"]},
+                               {"level": "default", "rules": [
+                "deny own", "deny loopback", "deny link-local", "deny unspecified",
+                "deny multicast", "deny private"]}],
+            "live": {"rate_up": 0.0, "rate_down": 0.0, "channels": 0, "devices": [], "refused": {}}}
 
         expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
         alice = await api.create_user(key="alice-key-0001", name="alice", limit_bytes=5 * MiB,

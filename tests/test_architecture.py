@@ -13,7 +13,7 @@ SRC = ROOT / "src" / "trisocks"
 SIZE_EXEMPT = {"wire/_relay_py.py", "wire/protocol.py"}
 MAX_MODULE_LINES = 500
 MAX_CLASS_LINES = 300
-LAYERS = ("wire", "net", "tunnel", "management")
+LAYERS = ("wire", "net", "policy", "tunnel", "management")
 
 
 def modules() -> dict[str, Path]:
@@ -57,6 +57,17 @@ def test_layers_are_packages():
     flat = sorted(p.name for p in SRC.glob("*.py"))
     assert flat == ["__init__.py", "__main__.py", "_version.py"], f"modules outside the layers: {flat}"
     assert (SRC / "cli" / "__init__.py").is_file(), "the command line is a package of its own"
+
+
+def test_policy_sits_beside_net():
+    """The policy package (rules, pacers, limits) is used by tunnel and management, and
+    depends on nothing but itself and wire: the data path may call it, it never calls back."""
+    known = modules()
+    for name, path in known.items():
+        if name.startswith("trisocks.policy"):
+            outside = {t for t in imports_of(name, path, known)
+                       if not t.startswith(("trisocks.policy", "trisocks.wire"))}
+            assert not outside, f"{name} imports {outside}"
 
 
 def test_no_import_circles():

@@ -224,6 +224,11 @@ async def test_only_the_providers_response_is_forwarded():
 
 async def test_the_connectors_account_is_charged_and_can_stop_it():
     class Account:
+        pace_up = pace_down = None  # no speed limit
+
+        def admit(self):
+            return self.refuse_reason()
+
         def __init__(self):
             self.used = 0
 

@@ -282,6 +282,11 @@ async def test_an_account_over_its_limit_fails_the_channel(socks):
     a, b = socks
 
     class Account:
+        pace_up = pace_down = None  # no speed limit
+
+        def admit(self):
+            return self.refuse_reason()
+
         def charge(self, n):
             return n < 100
 

@@ -205,6 +205,11 @@ async def test_refuse_reason_counts_channels_of_the_session_the_group_and_the_pr
     monkeypatch.undo()
 
     class Over:
+        pace_up = pace_down = None  # no speed limit
+
+        def admit(self):
+            return self.refuse_reason()
+
         def refuse_reason(self):
             return "expired"
 
@@ -226,6 +231,11 @@ async def test_register_and_forget_keep_the_counts_and_tell_the_account():
     seen = []
 
     class Account:
+        pace_up = pace_down = None  # no speed limit
+
+        def admit(self):
+            return self.refuse_reason()
+
         def opened(self, ch):
             seen.append(("opened", ch))
 

@@ -41,6 +41,11 @@ async def test_send_datagram_is_dropped_when_the_websocket_is_congested():
 
 async def test_an_account_past_its_limit_ends_the_association():
     class Account:
+        pace_up = pace_down = None  # no speed limit
+
+        def admit(self):
+            return self.refuse_reason()
+
         def charge(self, n):
             return False
 

@@ -85,6 +85,33 @@ def add_list(parser, *flags, env: str, help: str, metavar: str):
                         help=f"{help} [env TRISOCKS_{env}, comma-separated]")
 
 
+class _RuleAction(argparse.Action):
+    """--allow / --deny: one list, in the order given on the command line."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        rules = list(getattr(namespace, self.dest) or [])
+        rules.append(f"{self.const} {value}")
+        setattr(namespace, self.dest, rules)
+
+
+def add_rules(parser) -> None:
+    """The server's destination rules (docs/policy.md), checked in the order given."""
+    default = [r.strip() for r in (from_env("RULES") or "").replace("\n", ";").split(";")
+               if r.strip()]
+    parser.add_argument("--allow", dest="rules", action=_RuleAction, const="allow",
+                        default=default, metavar="RULE",
+                        help="let tunnel users reach RULE: an address, CIDR, range, name, "
+                        "*.domain, or set (loopback, private, link-local, multicast, "
+                        "unspecified, own), with :PORTS and a tcp/udp prefix, e.g. "
+                        "127.0.0.1:18080 or 'udp 10.0.0.0/8:53'. Repeatable; --allow and "
+                        "--deny are checked in the order given, before the built-in defaults "
+                        "[env TRISOCKS_RULES]")
+    parser.add_argument("--deny", dest="rules", action=_RuleAction, const="deny",
+                        metavar="RULE", help="keep tunnel users from reaching RULE (as --allow) "
+                        "[env TRISOCKS_RULES='deny private; allow 10.1.0.0/16', "
+                        "when no --allow/--deny is given]")
+
+
 def credentials_pair(args) -> None:
     if bool(getattr(args, "socks_username", "")) != bool(getattr(args, "socks_password", "")):
         usage_error("-n/--socks-username and -w/--socks-password go together")

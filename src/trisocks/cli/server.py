@@ -11,6 +11,7 @@ from .common import (
     add_flag,
     add_list,
     add_option,
+    add_rules,
     credentials_pair,
     from_env,
     log,
@@ -75,6 +76,13 @@ def add_parser(sub) -> None:
          help="connections not authenticated yet per client address (IPv6: per /64); more get 503")
     add_option(s, "--max-sessions-per-token", env="MAX_SESSIONS_PER_TOKEN", default=64, type=int,
          help="concurrent WebSocket sessions of one token or user key; more are refused at Auth")
+    p = s.add_argument_group(
+        "destination rules (docs/policy.md)",
+        "Where tunnel users may go. Checked after name resolution, first match wins: a\n"
+        "user's or token's own rules (API), then these, then the defaults: users may not reach\n"
+        "loopback, private, link-local (cloud metadata), multicast or unspecified addresses;\n"
+        "tokens reach everything; nobody reaches this server's own listeners.")
+    add_rules(p)
     m = s.add_argument_group(
         "management API and state (docs/api.md)",
         "With -k the REST API (tokens, users with quotas, stats, events, /healthz, /metrics)\n"
@@ -94,6 +102,9 @@ def add_parser(sub) -> None:
     add_option(m, "--db", env="DB", default="",
          help="SQLite database for tokens, users and counters (default with -k: "
          "$XDG_STATE_HOME/trisocks/trisocks.db, else ~/.local/state/trisocks/trisocks.db)")
+    add_option(m, "--metrics-per-owner", env="METRICS_PER_OWNER", default=0, type=int,
+         help="/metrics: series of their own for up to N tokens and N users (the busiest); "
+         "0: none, only totals (bounded cardinality, docs/api.md)")
     add_option(m, "--public-url", env="PUBLIC_URL", default="",
          help="the WebSocket URL clients use to reach this server (ws[s]://host[:port]), for "
          "/api/subscribe; default: what the request came to")
@@ -124,7 +135,8 @@ def _management(args):
                     len(args.api_key))
     return Management(SQLiteStore(args.db or default_path()), api_key=key,
                       allow_remote=args.api_allow_remote, api_bind=bind,
-                      public_url=args.public_url, handle_signals=True)
+                      public_url=args.public_url, handle_signals=True,
+                      metrics_per_owner=max(0, args.metrics_per_owner))
 
 
 def cmd_server(args) -> int:
@@ -179,7 +191,13 @@ def cmd_server(args) -> int:
             usage_error(f"{exc}")
         dialer = proxy_dialer(proxy)
         log.info("target connections go through %s", proxy.display)
-    config = ServerConfig(ws_host=args.ws_host, ws_port=args.ws_port,
+    from ..policy.rules import RuleError, RuleSet
+
+    try:
+        rules = RuleSet.parse(args.rules) if args.rules else None
+    except RuleError as exc:
+        usage_error(f"--allow/--deny: {exc}")
+    config = ServerConfig(rules=rules, ws_host=args.ws_host, ws_port=args.ws_port,
                           connect_timeout=args.connect_timeout, socks_host=args.socks_host,
                           socks_nowait=args.socks_nowait, fast_open=args.fast_open,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, dialer=dialer,

@@ -27,7 +27,8 @@ Layout:
 """
 
 from .keys import ApiKey
+from .memory_store import MemoryStore
 from .plane import Management
-from .store import MemoryStore, SQLiteStore, Store, StoreError, default_path
+from .store import SQLiteStore, Store, StoreError, default_path
 
 __all__ = ["ApiKey", "Management", "MemoryStore", "SQLiteStore", "Store", "StoreError", "default_path"]

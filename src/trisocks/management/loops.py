@@ -15,7 +15,7 @@ import trio
 
 from ..tunnel.tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, redact
 from .model import REASON_EXPIRED, Meter, TokenMeter
-from .records import token_record, user_from_record
+from .records import restore_policy, token_record, user_from_record
 from .state import PlaneState
 from .store import Counters, Snapshot, StoreError, TokenRecord
 
@@ -50,6 +50,7 @@ class Loops:
                     m.total_connections = rec.total_connections
                     m.created_at = rec.created_at
                     m.flushed = (rec.bytes_up, rec.bytes_down, rec.total_connections, None)
+                    restore_policy(m, rec.policy, f"token {redact(rec.token)}")
                 continue
             if rec.origin != "api":
                 continue  # a command-line token no longer given: its row waits for its return
@@ -70,6 +71,7 @@ class Loops:
             elif rec.kind != FORWARD:
                 continue
             info.account = TokenMeter(info, origin="api", created_at=rec.created_at, **counters)
+            restore_policy(info.account, rec.policy, f"token {redact(rec.token)}")
             try:
                 st.tokens.add(info)
             except ValueError as exc:

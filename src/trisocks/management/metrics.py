@@ -3,6 +3,11 @@
 Tokens are labelled by ``token_id``, the first 12 hex digits of the token's SHA-256 (the
 token itself is a secret, and metrics travel to places secrets should not); users by
 their name.
+
+Cardinality is bounded: series per token and per user are off unless the operator turns
+them on (``--metrics-per-owner N``), and then cover at most N tokens and N users (the
+busiest by bytes); ``trisocks_metrics_owners_omitted`` says how many were left out.
+Everything else has a fixed set of series.
 """
 
 from __future__ import annotations
@@ -64,16 +69,22 @@ def render(plane: PlaneState) -> str:
     clients = plane.token_clients()
     kinds: dict[str, int] = {"forward": 0, "reverse": 0, "connector": 0}
     total_up = total_down = total_channels = 0
-    for info in plane.tokens:
+    cap = plane.metrics_per_owner
+    metered = [info for info in plane.tokens if isinstance(info.account, TokenMeter)]
+    users = list(plane.users.values())
+    shown_tokens = _busiest(metered, lambda info: info.account, cap)
+    shown_users = _busiest(users, lambda user: user, cap)
+    omitted = {"token": len(metered) - len(shown_tokens), "user": len(users) - len(shown_users)}
+    for info in metered:
         meter = info.account
-        if not isinstance(meter, TokenMeter):
-            continue
         kinds[info.kind] = kinds.get(info.kind, 0) + 1
-        tid = digest(info.token)[:12]
         up, down = meter.totals()
         total_up += up
         total_down += down
         total_channels += len(meter.channels)
+        if id(info) not in shown_tokens:
+            continue
+        tid = digest(info.token)[:12]
         token_bytes.append(({"token_id": tid, "kind": info.kind, "direction": "up"}, up))
         token_bytes.append(({"token_id": tid, "kind": info.kind, "direction": "down"}, down))
         token_channels.append(({"token_id": tid, "kind": info.kind}, len(meter.channels)))
@@ -83,11 +94,13 @@ def render(plane: PlaneState) -> str:
             providers.append(({"token_id": tid}, server.provider_count(info.token)))
 
     user_bytes, user_channels, user_conns, user_limit, user_blocked = [], [], [], [], []
-    for user in list(plane.users.values()):
+    for user in users:
         up, down = user.totals()
         total_up += up
         total_down += down
         total_channels += len(user.channels)
+        if id(user) not in shown_users:
+            continue
         user_bytes.append(({"user": user.name, "direction": "up"}, up))
         user_bytes.append(({"user": user.name, "direction": "down"}, down))
         user_channels.append(({"user": user.name}, len(user.channels)))
@@ -123,6 +136,15 @@ def render(plane: PlaneState) -> str:
              user_limit)
     w.family("trisocks_user_blocked", "gauge", "1 when the user's traffic is refused now.",
              user_blocked)
+    w.family("trisocks_metrics_owners_omitted", "gauge",
+             "Tokens and users without series of their own (--metrics-per-owner).",
+             [({"owner": k}, v) for k, v in sorted(omitted.items())])
+    refusals = {"rule": 0, "channels": 0, "rate": 0, "devices": 0, "clients": 0}
+    refusals.update(plane.refusals)
+    refusals["rule"] = server.refused_destinations  # every connection and datagram, not events
+    w.family("trisocks_policy_refusals", "counter",
+             "Connections and sessions refused by the traffic policy, by kind (docs/policy.md).",
+             [({"kind": k}, v) for k, v in sorted(refusals.items())])
     counts = plane.events.counts
     w.family("trisocks_events", "counter", "Events recorded since start, by type.",
              [({"type": t}, n) for t, n in sorted(counts.items())])
@@ -134,3 +156,12 @@ def render(plane: PlaneState) -> str:
              "Unexpected errors; each ended one connection, channel or API request, not the process.",
              [({}, guard.Stats.internal_errors)])
     return w.text()
+
+
+def _busiest(owners: list, meter_of, cap: int) -> set[int]:
+    """ids of the ``cap`` owners with the most bytes (all of them when they are fewer)."""
+    if cap <= 0:
+        return set()
+    if len(owners) > cap:
+        owners = sorted(owners, key=lambda o: -meter_of(o).used)[:cap]
+    return {id(o) for o in owners}

@@ -5,7 +5,10 @@ data path calls it (see trisocks.net.channel):
 
 * ``charge(n) -> bool`` for every read or Data piece: an add and a compare, nothing else.
   False once the limit is crossed; the channel then closes itself.
-* ``refuse_reason()`` before every new channel and at authentication.
+* ``refuse_reason()`` at authentication, and ``admit()`` (that, then the connection limits of
+  the account's policy) before every new channel.
+* ``pace_up`` / ``pace_down``: the account's speed limits (trisocks.policy.pace), None when
+  there are none; channels read them at every read, so a change applies at once.
 * ``opened(ch)`` / ``closed(ch)`` when a channel starts / ends; at ``closed`` the
   channel's ``uploaded``/``downloaded`` are final, and they are what the counters add up,
   so the counters are exact to the byte for finished channels (``charge`` only enforces).
@@ -22,6 +25,7 @@ import hmac
 import time
 
 from ..net.flow import UNLIMITED
+from ..policy.spec import Policy
 from ..tunnel.socks_server import Credentials
 from ..tunnel.tokens import TokenInfo, TokenTable
 
@@ -40,17 +44,26 @@ class Meter:
     __slots__ = (
         "__weakref__",
         "_sample",
+        "admission",
         "allow",
         "channels",
         "done_down",
         "done_up",
         "flushed",
         "last_seen",
+        "pace_down",
+        "pace_up",
+        "policy",
         "rate_down",
         "rate_up",
+        "rules",
         "total_connections",
         "used",
     )
+
+    # Users get the safe destination defaults (docs/policy.md); tokens reach what the server
+    # reaches, as with LinkSocks, except the server's own listeners.
+    safe_defaults = False
 
     def __init__(self, *, bytes_up: int = 0, bytes_down: int = 0, total_connections: int = 0,
                  last_seen: float | None = None) -> None:
@@ -64,6 +77,11 @@ class Meter:
         self.rate_up = 0.0
         self.rate_down = 0.0
         self._sample: tuple[float, int, int] | None = None
+        self.policy = Policy()
+        self.rules = None  # the policy's RuleSet, checked before the server's (None: none)
+        self.pace_up = None  # Pacer or None, see trisocks.policy.spec.put_in_force
+        self.pace_down = None
+        self.admission = None  # policy.admission.Admission once a policy was put in force
         # what the store holds for this owner as far as we know (up, down, connections,
         # last_seen): what a meter starts with came from the store, or is zero in a new row.
         # The flusher writes the growth since then, as increments.
@@ -76,6 +94,13 @@ class Meter:
 
     def refuse_reason(self) -> str | None:
         return None
+
+    def admit(self) -> str | None:
+        """Why a new channel may not open now (refuse_reason, then the connection limits)."""
+        reason = self.refuse_reason()
+        if reason is None and self.admission is not None:
+            reason = self.admission.admit_channel(len(self.channels))
+        return reason
 
     def opened(self, ch) -> None:
         bridge = getattr(ch, "bridge", None)
@@ -143,6 +168,8 @@ class TokenMeter(Meter):
 
 class UserAccount(Meter):
     """A user: an access key with a name, a traffic limit, an expiry and a status."""
+
+    safe_defaults = True
 
     __slots__ = (
         "created_at",

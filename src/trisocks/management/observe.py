@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..net import guard
+from ..policy.admission import refusal_kind
 from ..tunnel.tokens import REVERSE, TokenInfo
 from . import metrics
 from . import schemas as s
@@ -42,6 +43,13 @@ class Observer:
         elif kind == "auth_failure":
             reason = f.get("reason") or "invalid token"
             events.add("auth_failure", user=user, peer=peer, detail=f"{f.get('how', '')}: {reason}")
+        elif kind == "policy_refused":
+            if token is None and isinstance(account, TokenMeter):
+                token = account.info.token
+            reason = f.get("reason") or ""
+            self.state.count_refusal(refusal_kind(reason))
+            events.add("policy_refused", token=token, user=user, peer=peer,
+                       detail=f"{f.get('target')}: {reason}")
         elif kind == "session_closed":
             events.add("session_closed", token=token, user=user, peer=peer, role=role,
                        detail=f.get("reason"))

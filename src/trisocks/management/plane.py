@@ -22,6 +22,7 @@ from .keys import ApiKey, FailureLimiter
 from .loops import Loops
 from .model import ManagedTokenTable, SocksUsers
 from .observe import Observer
+from .policies import PolicyService
 from .state import PlaneState
 from .store import Store, StoreInUse
 from .subscribe import Subscriptions
@@ -37,18 +38,20 @@ class Management:
     def __init__(self, store: Store, *, api_key: ApiKey | None = None, allow_remote: bool = False,
                  api_bind: tuple[str, int] | None = None, public_url: str = "",
                  flush_interval: float = 1.0, limiter: FailureLimiter | None = None,
-                 handle_signals: bool = False) -> None:
+                 handle_signals: bool = False, metrics_per_owner: int = 0) -> None:
         self.api_bind = api_bind
         self.handle_signals = handle_signals
         # the token table reports to the observer, which needs the state: hence the lambdas
         tokens = ManagedTokenTable(on_added=lambda info: self.observer.token_added(info),
                                    on_removed=lambda info: self.observer.token_removed(info))
         self.state = state = PlaneState(store, tokens)
+        state.metrics_per_owner = metrics_per_owner
         self.loops = Loops(state, flush_interval=flush_interval)
         self.observer = Observer(state, self.loops.flush)
         self.access = Access(state.events, api_key=api_key, allow_remote=allow_remote, limiter=limiter)
         self.user_api = UserService(state)
         self.token_api = TokenService(state)
+        self.policy_api = PolicyService(state)
         self.subscriptions = Subscriptions(state, self.access, public_url=public_url,
                                            api_bound=api_bind is not None)
         self.api_port: int | None = None  # with api_bind: the port the API listens on
@@ -109,6 +112,12 @@ class Management:
 
     async def rotate_user(self, key: str) -> s.User:
         return await self.user_api.rotate(key)
+
+    def token_detail(self, token: str) -> s.TokenDetail:
+        return self.policy_api.get_token(token)
+
+    async def patch_token(self, token: str, change: s.TokenPatch) -> s.TokenDetail:
+        return await self.policy_api.patch_token(token, change)
 
     def subscription(self, key: str, client: str, host: str) -> s.Subscription:
         return self.subscriptions.get(key, client, host)

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from ..policy.spec import Policy
+
 # -- shared pieces ---------------------------------------------------------------------------
 
 Port = Annotated[int, Meta(ge=0, le=65535, description="TCP port; 0 or absent: any free port")]
@@ -109,6 +111,7 @@ class UserCreate(Request):
     limit_bytes: Bytes | None = None
     expires_at: Timestamp | None = None
     status: Status = "active"
+    policy: Policy | UnsetType = UNSET  # destination rules and limits (docs/policy.md)
 
 
 class UserLimit(Request):
@@ -126,6 +129,28 @@ class UserPatch(Request):
     name: UserName | UnsetType = UNSET
     limit_bytes: Bytes | None | UnsetType = UNSET
     expires_at: Timestamp | None | UnsetType = UNSET
+    policy: Policy | UnsetType = UNSET  # the fields given change; null removes one
+
+
+class RuleLevel(Struct, kw_only=True):
+    level: Literal["user", "token", "server", "default"]
+    rules: list[str]
+
+
+class Device(Struct, kw_only=True):
+    address: str
+    since: datetime
+    sessions: int
+
+
+class Live(Struct, kw_only=True):
+    """What the account is doing now, against its limits."""
+
+    rate_up: float  # bytes per second, over the last second
+    rate_down: float
+    channels: int
+    devices: list[Device]
+    refused: dict[str, int]  # policy refusals since start, by kind (channels, rate, devices, clients)
 
 
 class User(Struct, kw_only=True):
@@ -143,6 +168,22 @@ class User(Struct, kw_only=True):
     blocked: str | None  # why traffic is refused now ("traffic limit reached", "expired", "disabled")
     created_at: datetime
     last_seen: datetime | None
+    policy: Policy
+    rules_in_force: list[RuleLevel]  # checked in this order, first match wins
+    live: Live
+
+
+class TokenPatch(Request):
+    policy: Policy  # the fields given change; null removes one
+
+
+class TokenDetail(Struct, kw_only=True):
+    token: str
+    type: Literal["forward", "reverse", "connector"]
+    clients: int
+    policy: Policy
+    rules_in_force: list[RuleLevel]
+    live: Live
 
 
 class UserList(Struct, kw_only=True):

@@ -40,6 +40,11 @@ class PlaneState:
         self.flush_failures = 0
         self.listening = False
         self.wake = trio.Event()  # set: the enforcer looks at the users now
+        self.metrics_per_owner = 0  # series per token and per user in /metrics: at most this many
+        self.refusals: Counter = Counter()  # policy refusals by kind (rule, channels, rate...)
+
+    def count_refusal(self, kind: str) -> None:
+        self.refusals[kind] += 1
 
     def wake_enforcer(self) -> None:
         self.wake.set()

@@ -41,7 +41,8 @@ from .dates import MIN_TIME, stored_time
 
 log = logging.getLogger("trisocks.management.store")
 
-SCHEMA_VERSION = 1
+# 1: 0.1.0. 2: a policy (JSON, trisocks.policy.spec) per token and user.
+SCHEMA_VERSION = 2
 EVENTS_KEPT = 100_000  # rows of the events table; older ones are pruned as new ones come
 
 
@@ -66,6 +67,7 @@ class TokenRecord(msgspec.Struct, kw_only=True):
     bytes_up: int = 0
     bytes_down: int = 0
     total_connections: int = 0
+    policy: str = ""  # JSON of a trisocks.policy.spec.Policy ("" or "{}": none)
 
 
 class UserRecord(msgspec.Struct, kw_only=True):
@@ -80,6 +82,7 @@ class UserRecord(msgspec.Struct, kw_only=True):
     bytes_up: int = 0
     bytes_down: int = 0
     total_connections: int = 0
+    policy: str = ""
 
 
 class Counters(msgspec.Struct, kw_only=True):
@@ -161,7 +164,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at REAL NOT NULL,
     bytes_up INTEGER NOT NULL DEFAULT 0,
     bytes_down INTEGER NOT NULL DEFAULT 0,
-    total_connections INTEGER NOT NULL DEFAULT 0
+    total_connections INTEGER NOT NULL DEFAULT 0,
+    policy TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS users (
     id TEXT PRIMARY KEY,
@@ -174,7 +178,8 @@ CREATE TABLE IF NOT EXISTS users (
     last_seen REAL,
     bytes_up INTEGER NOT NULL DEFAULT 0,
     bytes_down INTEGER NOT NULL DEFAULT 0,
-    total_connections INTEGER NOT NULL DEFAULT 0
+    total_connections INTEGER NOT NULL DEFAULT 0,
+    policy TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
@@ -189,9 +194,9 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 _TOKEN_COLS = ("token", "kind", "origin", "port", "username", "password", "allow_manage_connector",
-               "reverse_token", "created_at", "bytes_up", "bytes_down", "total_connections")
+               "reverse_token", "created_at", "bytes_up", "bytes_down", "total_connections", "policy")
 _USER_COLS = ("id", "key", "name", "limit_bytes", "expires_at", "status", "created_at", "last_seen",
-              "bytes_up", "bytes_down", "total_connections")
+              "bytes_up", "bytes_down", "total_connections", "policy")
 _EVENT_COLS = ("id", "time", "type", "token", "user", "peer", "role", "detail")
 _COUNTER_COLS = ("bytes_up", "bytes_down", "total_connections", "last_seen")
 
@@ -229,6 +234,7 @@ def _clean_user(rec: UserRecord) -> UserRecord:
         rec.status = "disabled"
     for name in ("bytes_up", "bytes_down", "total_connections"):
         setattr(rec, name, _count(getattr(rec, name), f"{what} {name}"))
+    rec.policy = rec.policy if isinstance(rec.policy, str) else ""
     return rec
 
 
@@ -238,12 +244,22 @@ def _clean_token(rec: TokenRecord) -> TokenRecord:
     rec.created_at = stored_time(rec.created_at, f"{what} created_at", invalid=MIN_TIME) or MIN_TIME
     for name in ("bytes_up", "bytes_down", "total_connections"):
         setattr(rec, name, _count(getattr(rec, name), f"{what} {name}"))
+    rec.policy = rec.policy if isinstance(rec.policy, str) else ""
     return rec
 
 
 def _clean_event(rec: EventRecord) -> EventRecord:
     rec.time = stored_time(rec.time, f"event {rec.id}", invalid=MIN_TIME) or MIN_TIME
     return rec
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a database of an older schema up to this one (the tables exist by now)."""
+    for table in ("tokens", "users"):  # schema 2: the policy column
+        columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if "policy" not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN policy TEXT NOT NULL DEFAULT ''")
+            log.info("database: %s table upgraded to schema %d", table, SCHEMA_VERSION)
 
 
 class SQLiteStore:
@@ -358,6 +374,7 @@ class SQLiteStore:
                 raise StoreError(f"{self.path} was written by a newer trisocks (schema {version}, "
                                  f"this one knows {SCHEMA_VERSION})")
             conn.executescript(_SCHEMA)
+            _migrate(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             tokens = [_clean_token(TokenRecord(**dict(zip(_TOKEN_COLS, row, strict=False))))
                       for row in conn.execute(f"SELECT {','.join(_TOKEN_COLS)} FROM tokens ORDER BY rowid")]
@@ -451,43 +468,3 @@ class SQLiteStore:
                 self._conn = None
             self._drop_lock()
 
-
-class MemoryStore:
-    """A store that keeps nothing: the plane runs on it when persistence is off (tests)."""
-
-    description = "memory (nothing is kept)"
-
-    def __init__(self) -> None:
-        self.broken: str | None = None  # set to make every call fail (tests of failure paths)
-
-    def _check(self) -> None:
-        if self.broken:
-            raise StoreError(self.broken)
-
-    async def open(self) -> Snapshot:
-        self._check()
-        return Snapshot([], [], [])
-
-    async def put_token(self, record: TokenRecord) -> None:
-        self._check()
-
-    async def delete_tokens(self, tokens: list[str]) -> None:
-        self._check()
-
-    async def put_user(self, record: UserRecord) -> None:
-        self._check()
-
-    async def reset_user(self, user_id: str) -> None:
-        self._check()
-
-    async def delete_user(self, user_id: str) -> None:
-        self._check()
-
-    async def flush(self, counters, events) -> None:
-        self._check()
-
-    async def check(self) -> None:
-        self._check()
-
-    async def close(self) -> None:
-        pass

@@ -53,3 +53,9 @@ class Tunnel(Protocol):
     def add_listener(self, host: str, port: int) -> None: ...
 
     def check_socks_port(self, port: int) -> None: ...  # OSError when it cannot be bound
+
+    @property
+    def destination_rules(self) -> Any: ...  # the server's --allow/--deny RuleSet, or None
+
+    @property
+    def refused_destinations(self) -> int: ...  # connections and datagrams refused by a rule

@@ -13,11 +13,13 @@ import time
 from collections import Counter
 
 from .._version import __version__
+from ..policy import spec
 from ..tunnel.tokens import FORWARD, RESERVED, TokenInfo, generate
 from . import schemas as s
 from .dates import rfc3339
 from .errors import Conflict, Invalid, NotFound
 from .model import DISABLED, REASON_DISABLED, REASON_EXPIRED, UserAccount
+from .policies import checked, live, rules_in_force
 from .records import user_record
 from .state import PlaneState
 
@@ -47,7 +49,13 @@ class UserService:
                       clients=clients.get(user.id, 0),
                       limit_bytes=user.limit_bytes, expires_at=rfc3339(user.expires_at),
                       status=user.status, blocked=user.refuse_reason(),
-                      created_at=rfc3339(user.created_at), last_seen=rfc3339(user.last_seen))
+                      created_at=rfc3339(user.created_at), last_seen=rfc3339(user.last_seen),
+                      policy=user.policy, rules_in_force=rules_in_force(user, self._server_rules()),
+                      live=live(user))
+
+    def _server_rules(self):
+        server = self.state.server
+        return server.destination_rules if server is not None else None
 
     def server_status(self) -> s.ServerStatus:
         return s.ServerStatus(version=__version__,
@@ -78,6 +86,9 @@ class UserService:
                                expires_at=req.expires_at.timestamp() if req.expires_at else None,
                                status=req.status)
             user.on_quota = st.quota_reached
+            if req.policy is not s.UNSET:
+                user.policy = checked(spec.merged(None, req.policy))
+                spec.put_in_force(user, user.policy)
             await st.persist(st.store.put_user(user_record(user)))
             st.users[key] = user
             st.users_by_name[name] = user
@@ -119,7 +130,13 @@ class UserService:
             if "expires_at" in changes:
                 when = changes["expires_at"]
                 fields["expires_at"] = when.timestamp() if when is not None else None
-            await st.persist(st.store.put_user(user_record(user, **fields)))
+            policy = None
+            if "policy" in changes:
+                policy = checked(spec.merged(user.policy, changes["policy"]))
+            stored = dict(fields, policy=spec.encode(policy)) if policy is not None else fields
+            await st.persist(st.store.put_user(user_record(user, **stored)))
+            if policy is not None:
+                spec.put_in_force(user, policy)
             if "name" in fields:
                 st.users_by_name.pop(user.name, None)
                 st.users_by_name[fields["name"]] = user
@@ -135,6 +152,8 @@ class UserService:
                 if after == REASON_EXPIRED:
                     user.expiry_noted = True
             st.wake_enforcer()
+        if "policy" in changes:
+            fields["policy"] = spec.encode(changes["policy"])
         detail = ", ".join(f"{k}={v}" for k, v in fields.items())
         st.events.add("user_updated", user=user.name, detail=detail or None)
         log.info("API: user %s updated (%s)", user.name, ", ".join(fields) or "no change")

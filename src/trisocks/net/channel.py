@@ -106,7 +106,7 @@ class Channel(Delivery):
         "id", "session", "sock", "state", "pending", "held", "credit", "limit", "error",
         "bytes_up", "bytes_down", "_unacked", "_lot", "_pump_scope",
         "_drain_scope", "_draining", "_drained", "_remote_done", "_response", "_response_ready",
-        "target", "account", "ingress", "window", "_eof_in",
+        "target", "account", "ingress", "window", "_eof_in", "_allowance",
     )
 
     def __init__(self, session: ChannelHost, channel_id: bytes, target: str = "") -> None:
@@ -123,6 +123,7 @@ class Channel(Delivery):
         self.limit = session.pending_limit
         self.window = session.recv_window  # what the peer may have in flight to us (0: no flow control)
         self._eof_in = False  # the peer's socket ended its direction (protocol.Eof)
+        self._allowance = 0  # bytes paid for under a speed limit and not written yet (delivery.py)
         self.error = ""
         self.bytes_up = 0  # socket -> tunnel
         self.bytes_down = 0  # tunnel -> socket
@@ -244,9 +245,14 @@ class Channel(Delivery):
                     await outbox.wait_for_space()
                 item = pool.get()
                 sent = None
+                account = self.account
+                pacer = None if account is None else (
+                    account.pace_up if self.ingress else account.pace_down)
                 try:
                     buf, view = item
                     want = CHUNK if self.credit > CHUNK else self.credit
+                    if pacer is not None and want > pacer.quantum:
+                        want = pacer.quantum  # small steps: the account's other channels get turns
                     try:
                         n = sock.recv_into(view[HEADROOM : HEADROOM + want])
                     except BlockingIOError:
@@ -256,7 +262,6 @@ class Channel(Delivery):
                         continue
                     if n == 0:
                         break
-                    account = self.account
                     if account is not None and not account.charge(n):
                         error = account.refuse_reason() or "traffic limit reached"
                         break
@@ -271,6 +276,11 @@ class Channel(Delivery):
                         pool.put(item)
                 if sent is not None:  # a small frame was copied: wait for it without the buffer
                     await sent.wait()
+                if pacer is not None:
+                    delay = pacer.take(n)  # a speed limit: read again once these bytes are paid for
+                    if delay:
+                        await trio.sleep(delay)
+                        continue
                 await checkpoint()
         except (OSError, trio.ClosedResourceError) as exc:
             if isinstance(exc, OSError):

@@ -26,8 +26,16 @@ class Account(Protocol):
     def charge(self, n: int) -> bool:
         """Count ``n`` bytes; False once the limit is crossed (the channel is then closed)."""
 
+    # the account's speed limits up and down (trisocks.policy.pace.Pacer), or None: read at
+    # every read, so a change applies at once
+    pace_up: object
+    pace_down: object
+
     def refuse_reason(self) -> str | None:
-        """Why no new channel may open (disabled, expired, over quota), or None."""
+        """Why no new session may start (disabled, expired, over quota), or None."""
+
+    def admit(self) -> str | None:
+        """Why no new channel may open now (refuse_reason, then connection limits), or None."""
 
     def opened(self, ch: ChannelEnd) -> None: ...
 

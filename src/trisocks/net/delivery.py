@@ -51,8 +51,8 @@ class Delivery:
             self.fail(account.refuse_reason() or "traffic limit reached")
             return False
         sock = self.sock
-        if sock is None or self.pending:
-            self._hold(data, decoder)
+        if sock is None or self.pending or (account is not None and self._pacer() is not None):
+            self._hold(data, decoder)  # (under a speed limit the drain writes, paced)
             if sock is not None:
                 self._kick_drain()
         else:
@@ -120,6 +120,12 @@ class Delivery:
                 self.session.send_if_open(protocol.WindowUpdate(self.id, grant))
                 self._unacked = 0
 
+    def _pacer(self):
+        """The speed limit of the bytes we write: the user's download when our socket is the
+        user's, their upload when it is a target's."""
+        account = self.account
+        return account.pace_down if self.ingress else account.pace_up
+
     def _kick_drain(self) -> None:
         if not self._draining and self.sock is not None:
             self._draining = True
@@ -131,10 +137,20 @@ class Delivery:
         try:
             with scope:
                 while self.pending and self.state < CLOSED:
+                    pacer = None if self.account is None else self._pacer()
+                    if pacer is not None and self._allowance <= 0:
+                        # pay for the next step before writing it (pace.py: fair among channels)
+                        self._allowance = min(self.held, pacer.quantum)
+                        delay = pacer.take(self._allowance)
+                        if delay:
+                            await trio.sleep(delay)
                     try:
                         await wait_writable(sock)
                         pending = self.pending
-                        if len(pending) == 1:
+                        if pacer is not None:
+                            n = sock.send(memoryview(pending[0])[: self._allowance])
+                            self._allowance -= n
+                        elif len(pending) == 1:
                             n = sock.send(pending[0])
                         else:
                             n = sock.sendmsg([pending[i] for i in range(min(len(pending), IOV_MAX))])

@@ -109,7 +109,8 @@ def never_resolves(host: str) -> bool:
     return name == "invalid" or name.endswith(".invalid")
 
 
-Refuse = Callable[[tuple], bool]  # refuse(sockaddr) -> True when the dial must not go there
+# refuse(sockaddr) -> why the dial must not go there ("not allowed by ruleset: ..."), or None
+Refuse = Callable[[tuple], "str | None"]
 
 
 async def dial_tcp(host: str, port: int, *, timeout: float, refuse: Refuse | None = None) -> socket.socket:
@@ -121,17 +122,21 @@ async def dial_tcp(host: str, port: int, *, timeout: float, refuse: Refuse | Non
     with trio.fail_after(timeout):
         family = literal_family(host)
         if family is not None:
-            if refuse is not None and refuse((host, port)):
-                raise Refused()
+            if refuse is not None:
+                reason = refuse((host, port))
+                if reason:
+                    raise Refused(reason)
             return await connect_address(family, (host, port))
         if never_resolves(host):
             raise socket.gaierror(socket.EAI_NONAME, f"{host}: name does not resolve (RFC 6761)")
         infos = await resolve(host, port)
         last: BaseException | None = None
         for fam, _type, _proto, _name, sockaddr in infos:
-            if refuse is not None and refuse(sockaddr):
-                last = Refused()
-                continue
+            if refuse is not None:
+                reason = refuse(sockaddr)
+                if reason:
+                    last = Refused(reason)
+                    continue
             try:
                 return await connect_address(fam, sockaddr)
             except OSError as exc:

@@ -85,6 +85,7 @@ class Session(Reader):
         self.client_side = client_side
         self.handler = handler
         self.name = name
+        self.peer = ""  # the client's address, for events (set by whoever accepted the session)
         self.outbox = Outbox(transport)
         self.channels: dict[bytes, Channel] = {}
         # Flow control: peer_window is the credit the peer grants us per channel
@@ -232,7 +233,7 @@ class Session(Reader):
             # keep file descriptors for accepting and authenticating everyone else
             return "server out of connections"
         account = account if account is not None else self.account
-        return account.refuse_reason() if account is not None else None
+        return account.admit() if account is not None else None
 
     def spawn(self, fn, *args, unit: str = "channel") -> None:
         """Start a task that belongs to this session (a dial, a drain, a relay), contained:

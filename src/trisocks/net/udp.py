@@ -317,22 +317,25 @@ _associations: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 class UdpEgress(_UdpChannel):
     """One UDP association on the side that talks to the targets."""
 
-    def __init__(self, session, channel_id: bytes, idle_timeout: float) -> None:
+    def __init__(self, session, channel_id: bytes, idle_timeout: float, rules=None) -> None:
         super().__init__(session, channel_id)
         self.idle_timeout = idle_timeout
+        # rules(name, sockaddr) -> why a datagram may not go there, or None (destination rules)
+        self.rules = rules
         self.sockets: dict[int, socket.socket] = {}
         self._resolved: dict[str, tuple[int, str]] = {}
         self._lookups = 0
         self._nursery: trio.Nursery | None = None
 
     @classmethod
-    def start(cls, session, channel_id: bytes, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def start(cls, session, channel_id: bytes, *, idle_timeout: float = IDLE_TIMEOUT,
+              rules=None) -> None:
         if channel_id in session.channels:
             return
         if _associations.get(session, 0) >= MAX_UDP_ASSOCIATIONS:
             session.send_if_open(protocol.ConnectResponse(False, channel_id, TOO_MANY_ASSOCIATIONS))
             return
-        ch = cls(session, channel_id, idle_timeout)
+        ch = cls(session, channel_id, idle_timeout, rules)
         _associations[session] = _associations.get(session, 0) + 1
         session.register(ch)
         session.spawn(ch.run, unit="UDP association")
@@ -399,9 +402,14 @@ class UdpEgress(_UdpChannel):
                 self._nursery.start_soon(self._resolve_and_send, host, port, msg.data)
                 return
             family, host = cached
+            self._send(family, host, port, msg.data, name=msg.target_address)
+            return
         self._send(family, host, port, msg.data)
 
-    def _send(self, family: int, host: str, port: int, data: bytes) -> None:
+    def _send(self, family: int, host: str, port: int, data: bytes, name: str | None = None) -> None:
+        if self.rules is not None and self.rules(name, (host, port)):
+            self.dropped += 1  # refused by a rule: counted and reported by the rules' owner
+            return
         try:
             self._socket(family).sendto(data, (host, port))
         except (OSError, ValueError, OverflowError) as exc:  # OverflowError: a port past 65535
@@ -425,7 +433,7 @@ class UdpEgress(_UdpChannel):
         if len(self._resolved) >= MAX_RESOLVED:
             self._resolved.clear()
         self._resolved[name] = (family, sockaddr[0])
-        self._send(family, sockaddr[0], port, data)
+        self._send(family, sockaddr[0], port, data, name=name)
 
     async def _receive(self, sock: socket.socket) -> None:
         while True:

@@ -159,6 +159,22 @@ class Authenticator:
         )
         session.account = info.account
         session.group = self._channel_group(info)
+        session.peer = peer
+        admission = getattr(info.account, "admission", None)
+        if admission is not None:  # the account's client and device limits (policy.admission)
+            refused, evicted = admission.join(ip, session)
+            if refused:
+                log.warning("client %s refused: %s", peer, refused)
+                self.events("auth_failure", peer=peer, how=how, reason=refused, account=info.account)
+                self.events("policy_refused", peer=peer, account=info.account, target="session",
+                            reason=refused)
+                await self._refuse(transport, refused)
+                return
+            for old in evicted:
+                log.info("%s replaced by a newer device (%s)", old, peer)
+                self.events("policy_refused", peer=old.peer, account=info.account,
+                            target="session", reason="replaced by a newer device")
+                old.close(1008, "replaced by a newer device")
         self._token_sessions[info.token] = self._token_sessions.get(info.token, 0) + 1
         try:
             if role == REVERSE:
@@ -174,6 +190,8 @@ class Authenticator:
             left = self._token_sessions.pop(info.token) - 1
             if left:
                 self._token_sessions[info.token] = left
+            if admission is not None:
+                admission.leave(ip, session)
 
     async def _run_session(self, session: Session, service: ReverseService | None, role: str,
                            instance: bytes, info: TokenInfo, peer: str, ip: str) -> None:

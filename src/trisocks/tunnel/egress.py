@@ -9,6 +9,10 @@ The target comes from a peer: its host is checked (:func:`trisocks.wire.names.ho
 before anything resolves it, a dial may fail in any way a bad host allows without
 costing more than that channel, and a direct dial never leads back into this process
 (``own_listeners``: the management API must not see a tunnel user as a local caller).
+
+Destination rules (trisocks.policy.chain) are checked on every address a dial would try,
+after name resolution, and on every UDP datagram's destination; a refusal is the
+ConnectResponse "not allowed by ruleset" (SOCKS5 reply 0x02), an event and a counter.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from collections.abc import Awaitable, Callable, Iterable
 import trio
 
 from ..net.channel import OPENING, Channel
-from ..net.dial import dial_tcp, is_own_listener
+from ..net.dial import dial_tcp, is_own_listener, resolve
 from ..net.session import Handler, Session
 from ..net.transport import close_socket
+from ..policy.chain import DENIED, denial, levels_for, parse_ip
 from ..wire import protocol, socks5
 from ..wire.names import host_error
 
@@ -47,6 +52,10 @@ async def direct_dialer(host: str, port: int, timeout: float, refuse=None):
     return await dial_tcp(host, port, timeout=timeout, refuse=refuse), b""
 
 
+def _no_events(kind: str, **fields) -> None:
+    pass
+
+
 def proxy_dialer(proxy) -> Dialer:
     """Reach every target through an upstream SOCKS5 or HTTP CONNECT proxy."""
     from ..net.upstream import open_via
@@ -68,6 +77,30 @@ class Egress(Handler):
         self.own_listeners = own_listeners
         self.channels_opened = 0
         self.dial_failures = 0
+        self.rules = None  # the server's --allow/--deny RuleSet (None: none)
+        self.events = _no_events  # the server's events hook: policy_refused
+        self.refused = 0  # connections and datagrams refused by a rule
+
+    def rule_check(self, account, name: str | None, port: int, proto: str):
+        """refuse(sockaddr) -> the refusal text or None, for the destinations of one
+        connection (``name``: the host name asked for, None for an IP literal)."""
+        levels = levels_for(account, self.rules)
+        listeners = self.own_listeners
+
+        def own(ip, port: int) -> bool:
+            return listeners is not None and is_own_listener((str(ip), port), listeners())
+
+        def refuse(sockaddr) -> str | None:
+            rule = denial(levels, parse_ip(str(sockaddr[0])), port, proto, name, own)
+            return None if rule is None else f"{DENIED} ({rule.text})"
+
+        return refuse
+
+    def note_refusal(self, session: Session, account, target: str, reason: str) -> None:
+        self.refused += 1
+        log.info("%s: %s refused: %s", session, target, reason)
+        self.events("policy_refused", account=account, peer=session.peer or None,
+                    target=target, reason=reason)
 
     def on_connect(self, session: Session, msg: protocol.Connect) -> None:
         refused = session.refuse_reason()
@@ -77,6 +110,9 @@ class Egress(Handler):
                 refused = TOO_MANY_DIALS
         if refused:
             log.debug("%s: Connect to %r refused: %s", session, msg.address, refused)
+            if refused.startswith("not allowed"):  # a limit of the account's policy
+                self.events("policy_refused", account=session.account, peer=session.peer or None,
+                            target=f"{msg.address}:{msg.port}", reason=refused)
             session.send(protocol.ConnectResponse(False, msg.channel, refused))
             return
         if msg.protocol == protocol.TCP:
@@ -87,27 +123,64 @@ class Egress(Handler):
         else:
             from ..net.udp import UdpEgress
 
-            UdpEgress.start(session, msg.channel, idle_timeout=self.udp_idle_timeout)
+            UdpEgress.start(session, msg.channel, idle_timeout=self.udp_idle_timeout,
+                            rules=self._udp_rules(session))
 
-    def _refuse(self, sockaddr) -> bool:
-        listeners = self.own_listeners
-        return listeners is not None and is_own_listener(sockaddr, listeners())
+    def _udp_rules(self, session: Session):
+        """check(name, sockaddr) -> refusal text or None, for each datagram's destination."""
+        account = session.account
+        reported: set = set()  # one event per destination and association: a flood stays small
 
-    async def _dial(self, host: str, port: int):
+        def check(name: str | None, sockaddr) -> str | None:
+            reason = self.rule_check(account, name, sockaddr[1], "udp")(sockaddr)
+            if reason:
+                target = f"udp {name or sockaddr[0]}:{sockaddr[1]}"
+                if target in reported or len(reported) >= 64:
+                    self.refused += 1
+                else:
+                    reported.add(target)
+                    self.note_refusal(session, account, target, reason)
+            return reason
+
+        return check
+
+    async def _dial(self, host: str, port: int, account=None):
         """Dial (the pending count was taken by on_connect and is given back here)."""
         try:
+            name = None if literal_ip(host) else host
+            refuse = self.rule_check(account, name, port, "tcp")
             if self.dialer is direct_dialer:
-                return await direct_dialer(host, port, self.connect_timeout, self._refuse)
+                return await direct_dialer(host, port, self.connect_timeout, refuse)
+            await self._check_proxied(host, port, name, refuse)
             return await self.dialer(host, port, self.connect_timeout)
         finally:
             _Pending.dials -= 1
 
+    async def _check_proxied(self, host: str, port: int, name: str | None, refuse) -> None:
+        """Through an upstream proxy the proxy resolves names: check the name (domain rules),
+        and every address our own resolver gives for it, before asking the proxy."""
+        from ..net.dial import Refused
+
+        if name is None:
+            addresses = [(host.strip("[]"), port)]
+        else:
+            try:
+                addresses = [info[4] for info in await resolve(name, port)]
+            except OSError:
+                addresses = [("", port)]  # unknown here: only domain rules and '*' can decide
+        for sockaddr in addresses:
+            reason = refuse(sockaddr)
+            if reason:
+                raise Refused(reason)
+
     async def _dial_and_relay(self, session: Session, ch: Channel, msg: protocol.Connect) -> None:
         try:
             try:
-                sock, early = await self._dial(msg.address, msg.port)
+                sock, early = await self._dial(msg.address, msg.port, ch.account)
             except (OSError, ValueError, trio.TooSlowError) as exc:  # ValueError: UnicodeError too
                 self.dial_failures += 1
+                if isinstance(exc, PermissionError):
+                    self.note_refusal(session, ch.account, ch.target, exc.strerror or "")
                 log.debug("%s: connect to %s failed: %s", session, ch.target, exc or "timeout")
                 session.send_if_open(protocol.ConnectResponse(False, ch.id, _failure_text(exc)))
                 return
@@ -124,6 +197,10 @@ class Egress(Handler):
             pass
         finally:
             ch.finish()
+
+
+def literal_ip(host: str) -> bool:
+    return parse_ip(host) is not None
 
 
 def _failure_text(exc: BaseException) -> str:

@@ -39,11 +39,20 @@ class Ingress:
         self.name = name
         self.opened = 0
         self.failed = 0
+        self.events = _no_events  # the server's hook: policy_refused for limits of an account
+
+    def _refused(self, account, sock, request: socks5.Request, reason: str) -> None:
+        log.info("%s: request for %s:%d refused: %s", self.name, request.host, request.port,
+                 reason)
+        if reason.startswith("not allowed"):  # a policy limit, not disabled/expired/quota
+            peer = _peer_of(sock)
+            self.events("policy_refused", account=account, peer=peer,
+                        target=f"{request.host}:{request.port}", reason=reason)
 
     async def on_connect(self, sock, request: socks5.Request, early: bytes, account=None) -> None:
-        refused = account.refuse_reason() if account is not None else None
+        refused = account.admit() if account is not None else None
         if refused:
-            log.info("%s: CONNECT refused: %s", self.name, refused)
+            self._refused(account, sock, request, refused)
             await _send_reply(sock, socks5.NOT_ALLOWED)
             return
         session = await self.pool.wait_pick(self.wait_timeout)
@@ -70,8 +79,9 @@ class Ingress:
         """SOCKS5 UDP ASSOCIATE: a UDP relay next to this TCP connection, for as long as it lasts."""
         from ..net.udp import associate
 
-        refused = account.refuse_reason() if account is not None else None
+        refused = account.admit() if account is not None else None
         if refused:
+            self._refused(account, sock, request, refused)
             await _send_reply(sock, socks5.NOT_ALLOWED)
             return
         session = await self.pool.wait_pick(self.wait_timeout)
@@ -136,3 +146,15 @@ async def _send_reply(sock, code: int) -> None:
 
 def _reason(exc: OSError) -> str:
     return (exc.strerror or str(exc) or "connection lost").lower()
+
+
+def _no_events(kind: str, **fields) -> None:
+    pass
+
+
+def _peer_of(sock) -> str | None:
+    try:
+        host, port = sock.getpeername()[:2]
+    except (OSError, ValueError, TypeError):
+        return None
+    return f"{host}:{port}"

@@ -57,6 +57,7 @@ class ReverseService:
         self.ingress = Ingress(self.pool, wait_timeout=cfg.provider_wait,
                                connect_timeout=cfg.provider_answer, fast_open=cfg.fast_open,
                                name=f"SOCKS5 of {redact(info.token)}")
+        self.ingress.events = lambda kind, **fields: server.events(kind, **fields)
         # the token's own pair; management may widen it (see Server.socks_credentials_hook)
         self.own_credentials = Credentials(info.username, info.password) if info.username else None
         creds = server.socks_credentials(self.own_credentials)

@@ -64,7 +64,8 @@ class Server:
     ``host``, ``serve``, the token methods, :meth:`session_tokens`,
     :meth:`close_sessions_of`, :meth:`provider_count`, :meth:`reverse_port`,
     :attr:`socks_credentials_hook`, :meth:`client_address`, :attr:`trusts_proxies`,
-    :meth:`add_listener` and :meth:`check_socks_port`.
+    :meth:`add_listener`, :meth:`check_socks_port`, :attr:`destination_rules` and
+    :attr:`refused_destinations`.
     """
 
     def __init__(self, config: ServerConfig, tokens: TokenTable, *, events=None,
@@ -77,6 +78,8 @@ class Server:
         self.egress = Egress(dialer=config.dialer, connect_timeout=config.connect_timeout)
         # the tunnel must not lead back into this process (its API above all)
         self.egress.own_listeners = self._own_listeners
+        self.egress.rules = config.rules
+        self.egress.events = lambda kind, **fields: self.auth.events(kind, **fields)
         # (host, port) of other listeners of this process (the management API's --api-bind)
         self.extra_listeners: list[tuple[str, int]] = []
         self.trusted_proxies = networks(config.trusted_proxies)  # a bad one is named before TLS
@@ -190,6 +193,15 @@ class Server:
             raise OSError(exc.errno, exc.strerror or str(exc), hostport(host, port)) from None
         sock.close()
 
+
+    @property
+    def destination_rules(self):
+        """The server's --allow/--deny rules (a RuleSet), or None."""
+        return self.egress.rules
+
+    @property
+    def refused_destinations(self) -> int:
+        return self.egress.refused
 
     def _own_listeners(self) -> list[tuple[str, int]]:
         """Where this process listens: its WebSocket port, every reverse token's SOCKS5 port,

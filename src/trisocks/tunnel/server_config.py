@@ -45,6 +45,8 @@ class ServerConfig:
     max_sessions_per_token: int = MAX_SESSIONS_PER_TOKEN
     # reverse proxies (CIDRs) whose X-Forwarded-For names the client
     trusted_proxies: tuple[str, ...] = ()
+    # the server's destination rules (--allow/--deny: a trisocks.policy.rules.RuleSet, or None)
+    rules: object = None
 
 
 def _has_private_key(path: str) -> bool:

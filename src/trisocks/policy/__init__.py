@@ -1,0 +1,1 @@
+"""Account policy: destination rules, connection and speed limits, and their API form."""
