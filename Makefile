@@ -12,7 +12,7 @@ EXT    := src/trisocks/wire/_relay$(shell $(PYTHON) -c 'import sysconfig; print(
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: all build run test bench lint clean tools
+.PHONY: all build run test bench lint clean tools dist
 
 all: build
 
@@ -69,6 +69,14 @@ SOAK_SECONDS ?= 600
 .PHONY: soak
 soak: build tools
 	$(PY) scripts/soak.py --seconds $(SOAK_SECONDS) $(ARGS)
+
+# An sdist and a wheel with the compiled extension in dist/, made with this virtualenv's
+# setuptools and Cython (no download); the wheel build fails rather than fall back to the pure
+# hot path. Install them with pip or pipx (docs/deploy.md).
+dist: $(STAMP)
+	rm -rf dist
+	TRISOCKS_REQUIRE_COMPILED=1 $(PY) -m build --no-isolation --outdir dist .
+	@ls -l dist
 
 lint: build
 	$(PY) -m pip install --quiet ruff
