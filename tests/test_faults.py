@@ -248,7 +248,9 @@ def test_client_sigkill_leaves_nothing_behind(procs, payload_server):
 
 def test_api_state_restored_after_sigkill(procs, payload_server, tmp_path):
     port = free_port()
-    extra = ["-k", KEY, "--db", str(tmp_path / "state.db")]
+    # users reach loopback targets only when allowed (docs/policy.md)
+    extra = ["-k", KEY, "--db", str(tmp_path / "state.db"),
+             "--allow", f"127.0.0.1:{payload_server.port}"]
     server = start_server_on(procs, port, extra)
     api = httpx.Client(base_url=server.http_url, headers={"X-API-Key": KEY}, timeout=10)
     with api:

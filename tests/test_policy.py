@@ -123,7 +123,10 @@ def test_users_cannot_reach_loopback_metadata_private_or_the_server_itself(procs
     client = start_trisocks_client(procs, server.url, alice["key"])
     refused = [("127.0.0.1", server.port), ("127.0.0.1", payload_server.port),
                ("169.254.169.254", 80), ("localhost", payload_server.port), ("10.0.0.1", 80),
-               ("192.168.1.1", 443), ("0.0.0.0", payload_server.port), ("224.0.0.1", 80)]
+               ("192.168.1.1", 443), ("0.0.0.0", payload_server.port), ("224.0.0.1", 80),
+               # other spellings of loopback, as names: checked after resolution all the same
+               ("127.1", payload_server.port), ("2130706433", payload_server.port),
+               ("0x7f.1", payload_server.port)]
     for host, port in refused:
         start = time.monotonic()
         assert reply_code(client.port, host, port) == 2, (host, port)
