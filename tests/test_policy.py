@@ -146,6 +146,7 @@ def test_users_cannot_reach_loopback_metadata_private_or_the_server_itself(procs
     assert reply_code(client.port, "127.0.0.1", server.port) == 2
     view = http("GET", f"{base}/api/users/{alice['key']}").json()
     assert [level["level"] for level in view["rules_in_force"]] == ["default"]
+    assert [d["address"] for d in view["live"]["devices"]] == ["127.0.0.1"]  # no limit: still seen
 
 
 def test_an_allow_rule_opens_exactly_that_address(procs, tmp_path, payload_server):
@@ -253,6 +254,7 @@ def test_a_download_limit_holds_for_one_stream_and_for_sixteen(limited, payload_
     parallel([lambda i=i: timed_download(payload_server.url(f"/bytes/{part}?seed={i}"), a.socks,
                                          part, seed=i) for i in range(16)])
     many = 16 * part / (time.monotonic() - start) / MiB
+    print(f"\ndownload limit 10 MiB/s: one stream {one:.2f} MiB/s, 16 streams {many:.2f} MiB/s")
     assert 9.5 <= many <= 10.5, f"16 streams: {many:.2f} MiB/s"
 
 
@@ -265,6 +267,7 @@ def test_an_upload_limit_holds_and_no_byte_is_lost(limited, payload_server, tmp_
     r = curl(payload_server.url("/upload"), socks=a.socks, upload=str(path), timeout=120).check(200)
     rate = size / (time.monotonic() - start) / MiB
     assert r.json() == {"length": size, "sha256": digest}
+    print(f"\nupload limit 10 MiB/s: one stream {rate:.2f} MiB/s", end="")
     assert 9.5 <= rate <= 10.5, f"upload: {rate:.2f} MiB/s"
     part = size // 16
     parts = []
@@ -277,6 +280,7 @@ def test_an_upload_limit_holds_and_no_byte_is_lost(limited, payload_server, tmp_
                         for p, _ in parts])
     rate = 16 * part / (time.monotonic() - start) / MiB
     assert sorted(r["sha256"] for r in results) == sorted(d for _, d in parts)
+    print(f", 16 streams {rate:.2f} MiB/s")
     assert 9.5 <= rate <= 10.5, f"16 uploads: {rate:.2f} MiB/s"
 
 
@@ -303,6 +307,7 @@ def test_another_user_is_not_slowed_by_a_limited_one(limited, payload_server):
         stop.set()
         for t in busy:
             t.join(60)
+    print(f"\nbob alone {alone / MiB:.0f} MiB/s, beside limited alice {together / MiB:.0f} MiB/s")
     # alice moves at most 10 MiB/s meanwhile: bob keeps his speed, give or take this machine's noise
     assert together >= 0.6 * alone, f"bob alone {alone / MiB:.0f} MiB/s, with alice {together / MiB:.0f}"
 
@@ -346,6 +351,7 @@ def test_raising_the_limit_live_changes_the_rate_within_two_seconds(limited, pay
 
     before = rate_between(changed - 1.5, changed)
     after = rate_between(changed + 1.0, changed + 2.0)
+    print(f"\nlive change 10 -> 40 MiB/s: {before:.1f} MiB/s before, {after:.1f} MiB/s 1-2 s after")
     assert 8 <= before <= 12.5, before
     assert after >= 25, f"{after:.1f} MiB/s one second after the limit went to 40 MiB/s"
 
@@ -364,6 +370,7 @@ def test_small_requests_are_not_starved_by_a_bulk_download(limited, payload_serv
         latencies.append(time.monotonic() - start)
     assert bulk.is_alive(), "the bulk download finished too early to compete"
     p99 = statistics.quantiles(latencies, n=100)[98]
+    print(f"\nsmall requests beside a bulk download: p99 {p99 * 1000:.0f} ms")
     assert p99 < 0.2, f"p99 {p99 * 1000:.0f} ms, all: {[round(x * 1000) for x in latencies]}"
     bulk.join(60)
 

@@ -25,6 +25,7 @@ import hmac
 import time
 
 from ..net.flow import UNLIMITED
+from ..policy.admission import Admission
 from ..policy.spec import Policy
 from ..tunnel.socks_server import Credentials
 from ..tunnel.tokens import TokenInfo, TokenTable
@@ -81,7 +82,8 @@ class Meter:
         self.rules = None  # the policy's RuleSet, checked before the server's (None: none)
         self.pace_up = None  # Pacer or None, see trisocks.policy.spec.put_in_force
         self.pace_down = None
-        self.admission = None  # policy.admission.Admission once a policy was put in force
+        # connection limits (none until a policy sets some) and the devices seen now
+        self.admission = Admission()
         # what the store holds for this owner as far as we know (up, down, connections,
         # last_seen): what a meter starts with came from the store, or is zero in a new row.
         # The flusher writes the growth since then, as increments.
