@@ -81,3 +81,25 @@ async def test_no_env_proxy_ignores_the_environment(nursery, monkeypatch):
 def test_malformed_proxy_url_is_a_startup_error():
     with pytest.raises(ValueError, match="unsupported scheme"):
         Client(ClientConfig(url="ws://127.0.0.1:1", upstream_proxy="ftp://x"))
+
+
+async def test_rules_hold_through_the_upstream_proxy(nursery):
+    """Through -x the proxy resolves names: the server checks the name, and the addresses its
+    own resolver gives, before it asks the proxy (docs/policy.md)."""
+    from trisocks.policy.rules import RuleSet
+
+    from .inproc import Socks5Failure, socks_connect
+
+    proxy = Socks5Proxy()
+    proxy_port = await start(nursery, proxy)
+    dialer = proxy_dialer(parse_proxy(f"socks5://127.0.0.1:{proxy_port}"))
+    echo = await serve_tcp(nursery, echo_handler)
+    rules = RuleSet.parse([f"allow 127.0.0.1:{echo}", "deny loopback", "deny .example.test"])
+    tunnel = await start_tunnel(nursery, server_cfg={"dialer": dialer, "rules": rules})
+    assert await echo_roundtrip(tunnel.socks_port, echo, b"allowed")
+    for host, port in (("127.0.0.1", 9), ("localhost", 9), ("db.example.test", 80)):
+        with pytest.raises(Socks5Failure) as failure:
+            await socks_connect(tunnel.socks_port, host, port)
+        assert failure.value.code == 2, (host, port)
+    assert proxy.relayed == 1  # the refused ones never reached the proxy
+    assert tunnel.server.refused_destinations == 3
