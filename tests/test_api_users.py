@@ -464,7 +464,16 @@ async def test_subscribe_answers_with_the_key_alone(payload_server, procs):
             lambda: curl(payload_server.url(f"/bytes/{MiB}"), socks=client.socks))
         result.check(200)
         await wait_until(lambda: not api.plane.users[key].channels, "the channel to finish")
-        assert (await api.user(key))["bytes_down"] > MiB
+        figures = await api.user(key)
+        assert figures["bytes_down"] > MiB
+        # panel-aware clients read the traffic and expiry from headers
+        expires = datetime.now(UTC).replace(microsecond=0) + timedelta(days=7)
+        await api.put(f"/api/users/{key}/expiry", json={"expires_at": rfc3339(expires)})
+        r = await api.anon.get(f"/api/subscribe/{key}")
+        assert r.headers["subscription-userinfo"] == (
+            f"upload={figures['bytes_up']}; download={figures['bytes_down']}; "
+            f"total={10 * MiB}; expire={int(expires.timestamp())}")
+        assert r.headers["profile-update-interval"] == "12"
         # and the share link form
         link = f"trisocks://{key}@127.0.0.1:{api.port}"
         client2 = await trio.to_thread.run_sync(lambda: start_trisocks_client(

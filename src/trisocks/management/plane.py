@@ -122,6 +122,9 @@ class Management:
     def subscription(self, key: str, client: str, host: str) -> s.Subscription:
         return self.subscriptions.get(key, client, host)
 
+    def subscription_headers(self, key: str) -> dict[str, str]:
+        return self.subscriptions.headers(key)
+
     def stats(self) -> s.Stats:
         return self.observer.stats()
 

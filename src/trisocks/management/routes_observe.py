@@ -16,10 +16,12 @@ async def front_page(call: Call):
 
 async def subscribe(call: Call):
     sub = call.plane.subscription(call.params["key"], call.client, call.host)
+    headers = call.plane.subscription_headers(call.params["key"])
     accept = call.headers.get("accept", "")
     if "text/plain" in accept and "application/json" not in accept:
-        return Reply(sub.share_link + "\n", content_type="text/plain; charset=utf-8")
-    return sub
+        return Reply(sub.share_link + "\n", content_type="text/plain; charset=utf-8",
+                     headers=headers)
+    return Reply(sub, headers=headers)
 
 
 async def stats(call: Call):

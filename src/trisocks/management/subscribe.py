@@ -15,6 +15,8 @@ from .model import REASON_DISABLED, REASON_EXPIRED
 from .state import PlaneState
 
 DEFAULT_SOCKS_PORT = 9870
+# Profile-Update-Interval, in hours: how often panel-aware clients fetch the subscription again
+UPDATE_INTERVAL_HOURS = 12
 # a Host header fit for a URL: a name or IPv4 address, or a bracketed IPv6 one, and a port
 _HOST_HEADER = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?")
 
@@ -70,3 +72,15 @@ class Subscriptions:
         return s.Subscription(server=url, token=user.key, mode="forward",
                               socks_port=DEFAULT_SOCKS_PORT, share_link=link, name=user.name,
                               expires_at=rfc3339(user.expires_at), limit_bytes=user.limit_bytes)
+
+    def headers(self, key: str) -> dict[str, str]:
+        """The headers panel-aware clients (Clash, v2rayN and others) read from a subscription:
+        traffic used and allowed, and the expiry (unix seconds; 0: none), and how often to
+        fetch it again. ``total`` is 0 when the user has no limit."""
+        user = self.state.users[key]
+        up, down = user.totals()
+        expire = int(user.expires_at) if user.expires_at is not None else 0
+        info = (f"upload={up}; download={down}; total={user.limit_bytes or 0}; "
+                f"expire={expire}")
+        return {"Subscription-Userinfo": info,
+                "Profile-Update-Interval": str(UPDATE_INTERVAL_HOURS)}
