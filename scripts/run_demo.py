@@ -88,6 +88,14 @@ def stop_all() -> None:
             proc.kill()
 
 
+def shown(path: Path) -> str:
+    """``path`` as the user pastes it from the project directory."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
 def secret_file(path: Path, nbytes: int) -> tuple[str, bool]:
     """The secret kept in ``path`` (made and saved 0600 the first time); True when new."""
     if path.exists():
@@ -139,17 +147,18 @@ def main() -> None:
                  f"ARGS='--ws-port N --socks-port M'.")
 
     server_log, client_log = state / "server.log", state / "client.log"
-    # The API key goes in the environment: a command line is visible to every local user.
-    # users (API-made keys) reach only the public internet by default (docs/policy.md); the
-    # demo page is opened to them explicitly
-    server = start(["server", "-H", "127.0.0.1", "-P", str(args.ws_port), "-t", token,
-                    "--db", str(state / "trisocks.db"), "--allow", f"127.0.0.1:{page_port}"],
-                   server_log,
-                   env={"TRISOCKS_API_KEY": api_key})
+    token_file, key_file = state / "token", state / "api-key"
+    # The token and the API key go by file, never on a command line: every local user can
+    # read those (ps). Users (API-made keys) reach only the public internet by default
+    # (docs/policy.md); the demo page is opened to them explicitly
+    server = start(["server", "-H", "127.0.0.1", "-P", str(args.ws_port), "--token-file",
+                    str(token_file), "--db", str(state / "trisocks.db"),
+                    "--allow", f"127.0.0.1:{page_port}"],
+                   server_log, env={"TRISOCKS_API_KEY_FILE": str(key_file)})
     wait_port(args.ws_port, server, server_log)
     url = f"ws://127.0.0.1:{args.ws_port}"
-    client = start(["client", "-u", url, "-t", token, "-s", "127.0.0.1", "-p", str(args.socks_port)],
-                   client_log)
+    client = start(["client", "-u", url, "--token-file", str(token_file), "-s", "127.0.0.1",
+                    "-p", str(args.socks_port)], client_log)
     wait_port(args.socks_port, client, client_log)
     serve_demo_page(page_port)
 
@@ -174,8 +183,8 @@ Paste these in another terminal (from this directory):
   # any site, if this machine has Internet access
   curl --socks5-hostname {socks} https://example.com/
 
-  # a second client with its own SOCKS5 port
-  .venv/bin/trisocks client -u {url} -t {token} -p {args.socks_port + 1}
+  # a second client with its own SOCKS5 port (the token by file: not visible in ps)
+  .venv/bin/trisocks client -u {url} --token-file {shown(token_file)} -p {args.socks_port + 1}
 
   # the management API (docs/api.md): status, then a user with a 1 GiB traffic limit
   curl -H "X-API-Key: $(cat .run/api-key)" {api}/api/status

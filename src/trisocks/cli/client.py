@@ -8,7 +8,30 @@ import signal
 import trio
 
 from .. import __version__
-from .common import Formatter, add_debug, add_flag, add_option, credentials_pair, from_env, log, usage_error
+from .common import (
+    Formatter,
+    add_debug,
+    add_flag,
+    add_option,
+    credentials_pair,
+    from_env,
+    log,
+    one_secret,
+    usage_error,
+    warn_secret_on_argv,
+)
+
+# After a refusal the server may lift (quota, expiry, disabled, device or client limit):
+# wait 30 s, doubling up to 5 min, each wait ±20 % so that many clients do not come back
+# at the same moment. Long enough not to fill a log or load the server, short enough that
+# a renewal brings the customer back within minutes.
+REFUSED_BACKOFF = (30.0, 300.0)
+
+REFUSALS_NOTE = (
+    "\n\nrefused: a refusal the operator can lift (traffic limit reached, expired, disabled,\n"
+    "  a device or client limit) is logged with the server's reason and retried after 30 s,\n"
+    "  doubling up to 5 min (each wait ±20 %); a token the server does not know ends the\n"
+    "  command (status 1).")
 
 
 def add_parsers(sub) -> None:
@@ -27,9 +50,13 @@ def add_parsers(sub) -> None:
          "Connect with a connector token and offer a local SOCKS5 port whose connections leave\n"
          "through the providers of the reverse token behind it."),
     ):
-        c = sub.add_parser(name, formatter_class=Formatter, help=help_line, description=description)
-        add_option(c, "-t", "--token", env="TOKEN", default="anonymous",
-             help="token to authenticate with (forward, reverse or connector token)")
+        c = sub.add_parser(name, formatter_class=Formatter, help=help_line,
+                           description=description + REFUSALS_NOTE)
+        add_option(c, "-t", "--token", env="TOKEN", default="anonymous", track=True,
+             help="token to authenticate with (forward, reverse or connector token). Prefer "
+             "--token-file or the environment: a command line is visible to every local user")
+        add_option(c, "--token-file", env="TOKEN_FILE", default="", track=True, metavar="FILE",
+             help="read the token from FILE (one line; trailing whitespace is ignored)")
         add_option(c, "-u", "--url", env="URL", default="ws://localhost:8765",
              help="WebSocket server URL (ws:// or http://; the path defaults to /socket). A "
              "token in it (?token=T) wins over -t and is sent hashed, as LinkSocks clients do")
@@ -75,10 +102,35 @@ def add_parsers(sub) -> None:
 
 
 
+def _token(args) -> str:
+    """The token, from -t, --token-file or their environment variables."""
+    from_file = one_secret(args, "token", "token_file", "-t/--token", "--token-file", "TOKEN")
+    if from_file is not None:
+        return from_file
+    warn_secret_on_argv(args, "token", "--token-file", "TRISOCKS_TOKEN")
+    return args.token
+
+
+def _refused_backoff() -> tuple[float, float]:
+    """REFUSED_BACKOFF, unless TRISOCKS_TEST_REFUSED_BACKOFF (seconds) shortens it.
+
+    That variable is for tests only and undocumented on purpose: a test of a refused client
+    coming back (tests/test_operators.py) cannot wait 30 s for each retry."""
+    raw = from_env("TEST_REFUSED_BACKOFF")
+    if raw is None:
+        return REFUSED_BACKOFF
+    try:
+        first = float(raw)
+    except ValueError:
+        usage_error(f"TRISOCKS_TEST_REFUSED_BACKOFF={raw!r} is not a number of seconds")
+    return first, first * 2
+
+
 def cmd_client(args) -> int:
     from ..tunnel.client import Client, ClientConfig
 
     credentials_pair(args)
+    args.token = _token(args)
     if args.threads < 1:
         usage_error("-T/--threads must be at least 1")
     reverse = args.command == "provider" or getattr(args, "reverse", False)
@@ -96,6 +148,7 @@ def cmd_client(args) -> int:
             args.socks_port = sub.socks_port
     if getattr(args, "connector_token", "") and not reverse:
         usage_error("-c/--connector-token is for providers (client -r, or 'provider')")
+    refused_backoff = _refused_backoff()
     config = ClientConfig(
         url=args.url, token=args.token, reverse=reverse,
         connector_token=getattr(args, "connector_token", ""),
@@ -108,6 +161,8 @@ def cmd_client(args) -> int:
         reconnect=not args.no_reconnect, threads=args.threads,
         ca_file=args.ca_file, insecure=args.insecure,
         upstream_proxy=args.upstream_proxy, env_proxy=not args.no_env_proxy,
+        retry_refused=True, refused_backoff_initial=refused_backoff[0],
+        refused_backoff_max=refused_backoff[1],
     )
     try:
         client = Client(config)

@@ -42,8 +42,38 @@ def usage_error(message: str):
     raise SystemExit(2)
 
 
-def add_option(parser, *flags, env: str, help: str, default=None, type=str, **kw):
-    """An option whose default comes from TRISOCKS_<env>, documented in its help."""
+def _note_on_argv(namespace, dest: str) -> None:
+    namespace.on_argv = {*getattr(namespace, "on_argv", ()), dest}
+
+
+class OnArgv(argparse._StoreAction):
+    """Store the value, and note that it came from the command line: a secret given there
+    is visible in ps, and a flag there wins over the environment."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        super().__call__(parser, namespace, value, option_string)
+        _note_on_argv(namespace, self.dest)
+
+
+class OnArgvAppend(argparse._AppendAction):
+    """Append the value (a repeatable option), noting that it came from the command line."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        super().__call__(parser, namespace, value, option_string)
+        _note_on_argv(namespace, self.dest)
+
+
+def on_argv(args, dest: str) -> bool:
+    """Whether option ``dest`` was given on the command line (options added with track=True)."""
+    return dest in getattr(args, "on_argv", ())
+
+
+def add_option(parser, *flags, env: str, help: str, default=None, type=str, track: bool = False,
+               **kw):
+    """An option whose default comes from TRISOCKS_<env>, documented in its help; ``track``
+    records whether it was given on the command line (see on_argv)."""
+    if track:
+        kw["action"] = OnArgv
     raw = from_env(env)
     if raw is not None and type is not None:
         try:
@@ -79,9 +109,13 @@ def add_debug(parser):
                         help="more logging: -d for debug, -dd for every message [env TRISOCKS_DEBUG=1|2]")
 
 
-def add_list(parser, *flags, env: str, help: str, metavar: str):
-    parser.add_argument(*flags, action="append", metavar=metavar,
-                        default=[t for t in (from_env(env) or "").split(",") if t],
+def add_list(parser, *flags, env: str, help: str, metavar: str, track: bool = False):
+    default = [t for t in (from_env(env) or "").split(",") if t]
+    if track:
+        parser.add_argument(*flags, action=OnArgvAppend, metavar=metavar, default=default,
+                            help=f"{help} [env TRISOCKS_{env}, comma-separated]")
+        return
+    parser.add_argument(*flags, action="append", metavar=metavar, default=default,
                         help=f"{help} [env TRISOCKS_{env}, comma-separated]")
 
 
@@ -110,6 +144,56 @@ def add_rules(parser) -> None:
                         metavar="RULE", help="keep tunnel users from reaching RULE (as --allow) "
                         "[env TRISOCKS_RULES='deny private; allow 10.1.0.0/16', "
                         "when no --allow/--deny is given]")
+
+
+# -- secrets: tokens and API keys ----------------------------------------------------
+
+ARGV_SECRET_WARNING = ("a secret on the command line is visible to every local user in ps; "
+                       "use {file_flag} or {env}")
+
+
+def read_secret_file(flag: str, path: str) -> list[str]:
+    """The secrets in ``path``, one a line (trailing whitespace and blank lines dropped).
+
+    A file that cannot be read or holds nothing is a usage error naming it: starting with
+    no secret, or an empty one, would be worse than not starting."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        usage_error(f"{flag} {path}: cannot read it ({exc.strerror or exc})")
+    except UnicodeDecodeError:
+        usage_error(f"{flag} {path}: not a text file (the secret goes in it as text, one a line)")
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        usage_error(f"{flag} {path}: the file is empty; write the secret in it")
+    return lines
+
+
+def warn_secret_on_argv(args, dest: str, file_flag: str, env: str) -> None:
+    if on_argv(args, dest) and getattr(args, dest):
+        log.warning("%s", ARGV_SECRET_WARNING.format(file_flag=file_flag, env=env))
+
+
+def one_secret(args, dest: str, file_dest: str, flags: str, file_flag: str, env: str) -> str | None:
+    """The secret a single-valued option ends up with, or None to keep the option's value.
+
+    The command line wins over the environment; the value and its file together on the
+    same level are a mistake, said as such."""
+    path = getattr(args, file_dest)
+    if not path:
+        return None
+    value_on_argv, file_on_argv = on_argv(args, dest), on_argv(args, file_dest)
+    if value_on_argv and file_on_argv:
+        usage_error(f"{flags} and {file_flag} both give the secret: keep one")
+    if value_on_argv:
+        return None  # -t on the command line beats TRISOCKS_*_FILE in the environment
+    if not file_on_argv and from_env(env) is not None:
+        usage_error(f"TRISOCKS_{env} and TRISOCKS_{env}_FILE are both set: keep one")
+    lines = read_secret_file(file_flag, path)
+    if len(lines) > 1:
+        usage_error(f"{file_flag} {path}: holds {len(lines)} lines; this command takes one secret")
+    return lines[0]
 
 
 def credentials_pair(args) -> None:

@@ -7,6 +7,7 @@ import trio
 
 from .common import (
     Formatter,
+    OnArgv,
     add_debug,
     add_flag,
     add_list,
@@ -15,7 +16,10 @@ from .common import (
     credentials_pair,
     from_env,
     log,
+    one_secret,
+    read_secret_file,
     usage_error,
+    warn_secret_on_argv,
 )
 
 
@@ -31,9 +35,13 @@ def add_parser(sub) -> None:
         "  own connector tokens.")
     add_option(s, "-H", "--ws-host", env="WS_HOST", default="0.0.0.0", help="address to listen on")
     add_option(s, "-P", "--ws-port", env="WS_PORT", default=8765, type=int, help="port to listen on")
-    add_list(s, "-t", "--token", env="TOKEN", metavar="TOKEN",
+    add_list(s, "-t", "--token", env="TOKEN", metavar="TOKEN", track=True,
               help="token clients must present (forward, or reverse with -r); repeat for several. "
-              "One is generated and printed when none is given")
+              "One is generated and printed when none is given. Prefer --token-file or the "
+              "environment: a command line is visible to every local user")
+    add_option(s, "--token-file", env="TOKEN_FILE", default="", track=True, metavar="FILE",
+         help="read tokens from FILE, one a line (trailing whitespace ignored), in addition "
+         "to any -t")
     add_flag(s, "-r", "--reverse", env="REVERSE",
               help="reverse mode: -t tokens are for providers, and each gets a SOCKS5 port")
     add_option(s, "-s", "--socks-host", env="SOCKS_HOST", default="127.0.0.1",
@@ -90,11 +98,14 @@ def add_parser(sub) -> None:
         "users and traffic counters are kept in a SQLite database and restored at start.")
     # not add_option(): its help would show the key taken from the environment as the default
     m.add_argument("-k", "--api-key", default=from_env("API_KEY") or "", metavar="KEY",
+                   action=OnArgv,
                    help="turn the management API on with this key (plaintext, or a hash: "
                    "sha256:HEX, scrypt:..., pbkdf2:..., bcrypt $2b$... - see "
                    "'trisocks hash-key')."
-                   " Prefer the environment variable: a command line is visible to every local "
-                   "user [env TRISOCKS_API_KEY]")
+                   " Prefer --api-key-file or the environment variable: a command line is "
+                   "visible to every local user [env TRISOCKS_API_KEY]")
+    add_option(m, "--api-key-file", env="API_KEY_FILE", default="", track=True, metavar="FILE",
+         help="read the API key (-k) from FILE (one line; trailing whitespace ignored)")
     add_option(m, "--api-bind", env="API_BIND", default="",
          help="serve the API on its own listener HOST:PORT instead of the WebSocket port")
     add_flag(m, "--api-allow-remote", env="API_ALLOW_REMOTE",
@@ -110,6 +121,20 @@ def add_parser(sub) -> None:
          "/api/subscribe; default: what the request came to")
     add_debug(s)
 
+
+
+def _secrets(args) -> None:
+    """Tokens and the API key from their files, and a warning for those on the command line."""
+    # every file is read (and a bad one refused) before any warning is logged
+    key = one_secret(args, "api_key", "api_key_file", "-k/--api-key", "--api-key-file", "API_KEY")
+    from_file = read_secret_file("--token-file", args.token_file) if args.token_file else []
+    warn_secret_on_argv(args, "token", "--token-file", "TRISOCKS_TOKEN")
+    if from_file:
+        args.token = list(dict.fromkeys([*(args.token or []), *from_file]))  # once each
+    if key is not None:
+        args.api_key = key
+    else:
+        warn_secret_on_argv(args, "api_key", "--api-key-file", "TRISOCKS_API_KEY")
 
 
 def _management(args):
@@ -144,6 +169,7 @@ def cmd_server(args) -> int:
     from ..tunnel.tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable, generate, redact
 
     credentials_pair(args)
+    _secrets(args)
     if not args.reverse and (args.connector_token or args.connector_autonomy):
         usage_error("-c/--connector-token and -a/--connector-autonomy need -r/--reverse")
     management = _management(args)

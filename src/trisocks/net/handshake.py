@@ -30,6 +30,7 @@ MAX_HEAD = 16 << 10
 FLOW_HEADER = "x-trisocks-flow"
 _WINDOW_RE = re.compile(r"window=(\d+)")
 _EOF_RE = re.compile(r"\beof=1\b")  # the peer speaks half-close (protocol.Eof)
+_TLS_RECORD_TYPES = (0x15, 0x16)  # alert, handshake: what a TLS server sends to plain HTTP
 
 _REASONS = {
     101: "Switching Protocols", 200: "OK", 201: "Created", 204: "No Content", 400: "Bad Request",
@@ -212,11 +213,16 @@ async def client_handshake(transport, host_header: str, resource: str, *, window
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
     await transport.send_all(conn.send(h11.Request(method="GET", target=resource, headers=headers)))
     buf = bytearray(65536)
+    first = True  # a TLS server's answer starts with a TLS record header, not "HTTP/"
     with trio.move_on_after(timeout) as scope:
         while True:
             n = await transport.recv_into(memoryview(buf))
             if n == 0:
                 raise HandshakeError(0, "server closed the connection during the WebSocket handshake")
+            if first and n >= 2 and buf[0] in _TLS_RECORD_TYPES and buf[1] == 0x03:
+                raise HandshakeError(0, "the server speaks TLS: use wss:// (it answered the "
+                                     "HTTP request with a TLS record)")
+            first = False
             try:
                 conn.receive_data(bytes(buf[:n]))
                 event = conn.next_event()

@@ -10,8 +10,13 @@
 
 The client keeps ``threads`` WebSocket sessions up, reconnecting with capped,
 jittered exponential backoff, and spreads new channels over the live ones. A
-session that fails for any reason, a bug included, is reconnected; a refused
-token ends the client: retrying cannot fix it.
+session that fails for any reason, a bug included, is reconnected. A token the
+server does not know ends the client: retrying cannot fix it. An account refused
+for now (traffic limit reached, expired, disabled, a policy limit such as
+"not allowed: device limit (3 in use)") ends it too, unless ``retry_refused`` is
+set (the command line sets it): then the client retries with a long backoff
+(``refused_backoff_initial``, 30 s, doubling up to ``refused_backoff_max``,
+5 min, each wait ±20 %), so that the operator's renewal brings it back.
 
 A ``token=`` in the server URL wins over the configured token and is sent the way
 LinkSocks and pywssocks clients send it: as the URL-query auth form
@@ -78,6 +83,25 @@ class ClientConfig:
     insecure: bool = False  # wss:// without certificate checks
     upstream_proxy: str = ""  # reach the server through this SOCKS5/HTTP proxy
     env_proxy: bool = True  # else honour HTTPS_PROXY/HTTP_PROXY/ALL_PROXY/NO_PROXY
+    # an account refused for now (quota, expiry, disabled, policy limits): retry with a long
+    # backoff instead of raising; off for embedders, who get the AuthError to decide
+    retry_refused: bool = False
+    refused_backoff_initial: float = 30.0
+    refused_backoff_max: float = 300.0
+
+
+# AuthResponse errors that retrying can never fix: the token does not exist (or the
+# message did not even parse). Every other refusal concerns an account the operator can
+# renew, re-enable or free up.
+FINAL_REFUSALS = frozenset({"invalid token", "invalid auth message"})
+
+
+class RefusedForNow(AuthError):
+    """The server knows the token but refuses it at the moment (``reason`` says why)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def tls_client_context(ca_file: str = "", insecure: bool = False) -> ssl.SSLContext:
@@ -288,12 +312,23 @@ class Client:
     async def _keep_connected(self, slot: int) -> None:
         """One of the ``threads`` connections: connect, serve, and start again whatever ended it.
 
-        Only a refused token (AuthError) and, with -R, a lost connection end it."""
+        Only a refused token (AuthError; with ``retry_refused`` only an unknown one) and,
+        with -R, a lost connection end it."""
         cfg = self.config
         delay = cfg.backoff_initial
+        refused_delay = cfg.refused_backoff_initial
         while True:
             try:
                 session = await self.connect()
+            except RefusedForNow as exc:
+                if not (cfg.retry_refused and cfg.reconnect):
+                    raise
+                wait = refused_delay * random.uniform(0.8, 1.2)
+                log.warning("%s; retrying in %.0f s (an unknown token would end the client; "
+                            "this refusal ends when the account is renewed or freed)", exc, wait)
+                await trio.sleep(wait)
+                refused_delay = min(refused_delay * 2, cfg.refused_backoff_max)
+                continue
             except AuthError:
                 raise
             except Exception as exc:
@@ -306,6 +341,7 @@ class Client:
                 await trio.sleep(wait)
                 delay = min(delay * 2, cfg.backoff_max)
                 continue
+            refused_delay = cfg.refused_backoff_initial
             started = trio.current_time()
             await self._serve_contained(session, slot)
             if not cfg.reconnect:
@@ -382,8 +418,15 @@ class Client:
         except EOFError as exc:
             close_socket(sock)
             if decoder.close_code == 1008:
-                raise self._refused(decoder.close_reason or "policy violation") from None
+                # pywssocks refusing a URL token: final, as "invalid token" is
+                raise self._refused(decoder.close_reason or "policy violation", final=True) from None
             raise exc
+        except HandshakeError as exc:
+            close_socket(sock)
+            if (exc.status == 0 and self.tls is None and "speaks TLS" not in exc.message
+                    and await self._speaks_tls()):
+                raise HandshakeError(0, f"the server speaks TLS: use wss:// ({exc.message})") from None
+            raise
         except BaseException:
             close_socket(sock)
             raise
@@ -398,10 +441,32 @@ class Client:
                  " (trisocks flow control)" if session.peer_window else "")
         return session
 
-    def _refused(self, reason: str) -> AuthError:
+    def _refused(self, reason: str, final: bool = False) -> AuthError:
         hint = " (no token given: use -t or TRISOCKS_TOKEN)" if self.token == "anonymous" else ""
         how = " (sent in the URL)" if self.url_auth else ""
-        return AuthError(f"server refused token {redact(self.token)}{how}: {reason}{hint}")
+        message = f"server refused token {redact(self.token)}{how}: {reason}{hint}"
+        if final or reason in FINAL_REFUSALS:
+            return AuthError(message)
+        return RefusedForNow(message, reason)
+
+    async def _speaks_tls(self) -> bool:
+        """After a ws:// handshake that the server closed: does a TLS handshake work there?
+
+        A TLS server reads our HTTP request as a broken ClientHello and hangs up (or answers
+        with an alert); only a probe tells that apart from any other early close."""
+        cfg, ep = self.config, self.endpoint
+        if self.proxy is not None:
+            return False  # a proxy in between: its close says nothing about the server
+        probe = tls_client_context(insecure=True)
+        try:
+            sock = await dial_tcp(ep.host, ep.port, timeout=cfg.dial_timeout)
+            transport = await tls_wrap(sock, probe, server_side=False, hostname=ep.host,
+                                       timeout=min(cfg.dial_timeout, 5.0), peer=ep.display)
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError):
+            return False
+        with trio.move_on_after(1):
+            await transport.aclose()
+        return True
 
     # -- autonomy: connector tokens a provider manages ------------------------------------
     async def _register_connector(self, session: Session) -> None:
@@ -435,10 +500,18 @@ class Client:
             done.set()
 
 
+# What OpenSSL says when the answer to our ClientHello is no TLS record at all (a plain
+# HTTP server answering "HTTP/1.1 400"): the names vary across OpenSSL versions.
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL",
+                              "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST", "RECORD_TOO_LARGE"})
+
+
 def _tls_failure(host: str, exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return (f"TLS certificate of {host} not trusted ({exc.verify_message}); "
                 "give its CA with --ca-file, or --insecure to skip the check")
+    if isinstance(exc, ssl.SSLError) and exc.reason in _NOT_TLS_REASONS:
+        return f"the server does not speak TLS: use ws:// (TLS handshake failed: {exc.reason})"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake with {host} failed: {exc.reason or exc}"
     return f"TLS handshake with {host} failed: {exc}"
