@@ -3,6 +3,8 @@ plane when -k or --db asks for it)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 
 from .common import (
@@ -84,6 +86,10 @@ def add_parser(sub) -> None:
          help="connections not authenticated yet per client address (IPv6: per /64); more get 503")
     add_option(s, "--max-sessions-per-token", env="MAX_SESSIONS_PER_TOKEN", default=64, type=int,
          help="concurrent WebSocket sessions of one token or user key; more are refused at Auth")
+    add_option(s, "--grace", env="GRACE", default=5.0, type=float, metavar="SECONDS",
+         help="SIGTERM/SIGINT: every listener closes, then open channels get this long to finish "
+         "before the rest is closed and the server exits 0; 0: at once. A second signal stops at "
+         "once (docs/deploy.md)")
     p = s.add_argument_group(
         "destination rules (docs/policy.md)",
         "Where tunnel users may go. Checked after name resolution, first match wins: a\n"
@@ -165,11 +171,13 @@ def _management(args):
 
 
 def cmd_server(args) -> int:
-    from ..tunnel.server import Server, ServerConfig
+    from ..tunnel.server import Server, ServerConfig, serve_until_signal
     from ..tunnel.tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable, generate, redact
 
     credentials_pair(args)
     _secrets(args)
+    if args.grace < 0:
+        usage_error("--grace must be 0 or more seconds")
     if not args.reverse and (args.connector_token or args.connector_autonomy):
         usage_error("-c/--connector-token and -a/--connector-autonomy need -r/--reverse")
     management = _management(args)
@@ -241,8 +249,9 @@ def cmd_server(args) -> int:
     for token in given:
         log.debug("token %s", redact(token))
     if management is None:
-        trio.run(server.serve)
+        trio.run(partial(serve_until_signal, server, grace=args.grace))
         return 0
+    management.grace = args.grace
     from ..management import StoreError
 
     try:

@@ -277,13 +277,18 @@ def bind_tcp(host: str, port: int) -> socket.socket:
 
 async def accept_loop(lsock: socket.socket, handler, nursery: trio.Nursery, log,
                       what: str = "connection") -> None:
-    """Accept forever, starting ``handler(sock, addr)`` in ``nursery`` for each connection,
-    contained: whatever one connection raises ends that connection only."""
-    while True:
+    """Accept until the listener is closed (``close_socket``, e.g. for a graceful stop),
+    starting ``handler(sock, addr)`` in ``nursery`` for each connection, contained: whatever
+    one connection raises ends that connection only. Closing the listener ends this loop
+    quietly; the connections it started go on."""
+    while lsock.fileno() >= 0:
         try:
             sock, addr = lsock.accept()
         except BlockingIOError:
-            await wait_readable(lsock)
+            try:
+                await wait_readable(lsock)
+            except trio.ClosedResourceError:
+                return  # closed under us: no new connections
             continue
         except OSError as exc:
             if exc.errno in _ACCEPT_TRANSIENT:

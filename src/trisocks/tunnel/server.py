@@ -22,11 +22,13 @@ services, provider and connector sessions) and :mod:`.server_config` (settings, 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 
 import trio
 
 from .._version import __version__
+from ..net.notify import Notifier
 from ..net.session import Session
 from ..net.transport import accept_loop, bind_tcp, close_socket, listen_on
 from ..wire.names import hostport
@@ -40,6 +42,10 @@ from .throttle import FailureLimiter
 from .tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable, generate
 
 log = logging.getLogger("trisocks.server")
+
+DEFAULT_GRACE = 5.0  # seconds open channels get to finish after SIGTERM/SIGINT (--grace)
+DRAIN_POLL = 0.05  # how often a stopping server looks whether its channels are done
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # the limits too: docs/security.md names them as server.MAX_...
 __all__ = ["MAX_CHANNELS_PER_TOKEN", "MAX_SESSIONS_PER_TOKEN", "Server", "ServerConfig", "tls_server_context"]
@@ -90,8 +96,10 @@ class Server:
                                http_app=http_app)
         self.admission = self.front.admission
         self._nursery: trio.Nursery | None = None
+        self._lsock = None
         self._socks_credentials_hook = None
         self.ready = trio.Event()
+        self.stopping = False  # stop_accepting() was called: no new connections
 
     # the hooks and the failure limiter live with the parts that use them
     @property
@@ -212,7 +220,9 @@ class Server:
 
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        lsock = listen_on(self.config.ws_host, self.config.ws_port, "the server")
+        """Serve until cancelled; after :meth:`stop_accepting` the sessions go on (see
+        :func:`serve_until_signal` for the whole graceful stop)."""
+        lsock = self._lsock = listen_on(self.config.ws_host, self.config.ws_port, "the server")
         self.started_at = time.monotonic()
         try:
             self.port = lsock.getsockname()[1]
@@ -224,9 +234,36 @@ class Server:
                          self.config.ws_host, self.port, "TLS" if self.tls else "plain HTTP")
                 self.ready.set()
                 task_status.started(self.port)
-                await accept_loop(lsock, self.front.handle, nursery, log, "WebSocket connection")
+                if not self.stopping:
+                    await accept_loop(lsock, self.front.handle, nursery, log, "WebSocket connection")
         finally:
             close_socket(lsock)
+
+    # -- stopping ---------------------------------------------------------------------------
+    def stop_accepting(self) -> None:
+        """The first step of a graceful stop: close every listener (the WebSocket port and
+        each reverse token's SOCKS5 port); open sessions and their channels go on."""
+        self.stopping = True
+        close_socket(self._lsock)
+        for service in list(self.services.values()):
+            service.socks.close()
+
+    def open_channels(self) -> int:
+        """Channels open in all sessions (forward, provider and connector)."""
+        return sum(len(session.channels) for session in list(self.sessions))
+
+    def busy(self) -> bool:
+        """Channels still open, or bytes still queued for a peer."""
+        return any(session.channels or session.outbox.queued_bytes()
+                   for session in list(self.sessions))
+
+    async def drain(self, grace: float) -> bool:
+        """Wait until no channel is open and every session's outbox is empty, for at most
+        ``grace`` seconds; True if that happened."""
+        with trio.move_on_after(grace):
+            while self.busy():
+                await trio.sleep(DRAIN_POLL)  # the stop path only: never on the data path
+        return not self.busy()
 
 
     # -- tokens --------------------------------------------------------------------------
@@ -237,7 +274,7 @@ class Server:
         info = self.tokens.add(TokenInfo(token or generate(), REVERSE, port=port, username=username,
                                          password=password,
                                          allow_manage_connector=allow_manage_connector))
-        if self._nursery is not None:
+        if self._nursery is not None and not self.stopping:
             await self._start_service(info)
         return info
 
@@ -270,6 +307,70 @@ class Server:
     async def _start_service(self, info: TokenInfo) -> None:
         service = ReverseService(self, info)
         self.services[info.token] = service
-        port = await self._nursery.start(service.run)
+        port = await self._nursery.start(self._run_service, service)
         if port is not None:  # None: autonomy mode, no port (info.port keeps what was asked)
             info.port = port
+
+    async def _run_service(self, service: ReverseService, *, task_status=trio.TASK_STATUS_IGNORED
+                           ) -> None:
+        try:
+            await service.run(task_status=task_status)
+        except OSError:
+            if not self.stopping:
+                raise
+            # its port was closed for the stop before a provider came to open it
+
+
+# -- the server as a process: readiness and the graceful stop ------------------------------------
+
+async def serve_until_signal(server: Server, *, grace: float = DEFAULT_GRACE,
+                             notifier: Notifier | None = None) -> None:
+    """``trisocks server`` without the management plane: serve, tell the service manager
+    when every listener accepts (``READY=1``, see :mod:`trisocks.net.notify`), and stop
+    gracefully on SIGTERM or SIGINT (:func:`stop_gracefully`). Returns when stopped."""
+    notifier = notifier or Notifier.from_environment()
+    outcome = "cancelled"
+    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            notifier.start_watchdog(nursery)
+            await nursery.start(server.serve)
+            notifier.ready(f"listening on {hostport(server.host, server.port)}")
+            async for signum in signals:
+                outcome = await stop_gracefully(server, signals, signum, nursery.cancel_scope,
+                                                grace=grace, notifier=notifier)
+                break
+    log.info("stopped: %s", outcome)
+
+
+async def stop_gracefully(server: Server, signals, signum: int, scope: trio.CancelScope, *,
+                          grace: float, notifier: Notifier, note: str = "") -> str:
+    """After the first stop signal ``signum``: no new connections (every listener closed),
+    open channels get up to ``grace`` seconds to finish, then ``scope`` is cancelled, which
+    closes the sessions (1001 going away). A second signal from ``signals`` cuts the grace
+    period short. Returns how it went, for the last log line."""
+    name = signal.Signals(signum).name
+    sessions = len(server.sessions)
+    server.stop_accepting()
+    log.info("%s: stopping%s: no new connections, %d session%s get%s up to %g s to finish", name,
+             note, sessions, "" if sessions == 1 else "s", "s" if sessions == 1 else "", grace)
+    notifier.stopping(f"stopping: {server.open_channels()} channels get up to {grace:g} s to finish")
+    started = trio.current_time()
+    idle = cut = False
+    async with trio.open_nursery() as nursery:
+        async def second_signal() -> None:
+            nonlocal cut
+            async for again in signals:
+                cut = True
+                log.info("%s during the grace period: stopping at once", signal.Signals(again).name)
+                nursery.cancel_scope.cancel()
+                return
+
+        nursery.start_soon(second_signal)
+        idle = await server.drain(grace)
+        nursery.cancel_scope.cancel()
+    left = server.open_channels()
+    scope.cancel()
+    if idle:
+        return f"every channel finished within {trio.current_time() - started:.1f} s"
+    why = "on a second signal" if cut else f"after the grace period of {grace:g} s"
+    return f"{left} channel{'' if left == 1 else 's'} still open were closed {why}"
