@@ -154,7 +154,8 @@ async def test_the_openapi_document_covers_every_endpoint():
             ("post", "/api/users/{key}/rotate"), ("get", "/api/subscribe/{key}"),
             ("get", "/api/stats"), ("get", "/api/events"), ("get", "/healthz"), ("get", "/metrics"),
             ("get", "/api/openapi.json"), ("get", "/api/tokens/{token}"),
-            ("patch", "/api/tokens/{token}"),
+            ("patch", "/api/tokens/{token}"), ("get", "/api/usage"),
+            ("get", "/api/users/{key}/usage"),
         }
         assert {(m, p) for p, ops in paths.items() for m in ops} == expected
         schemas = doc["components"]["schemas"]

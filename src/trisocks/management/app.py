@@ -116,7 +116,7 @@ def decode_body(op: Operation, data: bytes):
 
 
 def decode_query(op: Operation, args) -> object:
-    known = set(op.query.__struct_fields__)
+    known = set(op.query.__struct_encode_fields__)  # the names in the URL ("from", not "from_")
     raw = {k: v for k, v in args.items() if k in known}
     try:
         return check_dates(msgspec.convert(raw, op.query, strict=False))

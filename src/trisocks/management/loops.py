@@ -30,6 +30,7 @@ class Loops:
         self.flush_interval = flush_interval
         # restored reverse tokens and the port they had; see ports_moved()
         self._moved: list[tuple[TokenInfo, int | None]] = []
+        self._pruned_at: int | None = None  # the hour the usage history was last pruned
 
     # -- restoring ----------------------------------------------------------------------------
     async def restore(self, snap: Snapshot) -> None:
@@ -163,8 +164,9 @@ class Loops:
         async with st.lock:
             grown = self._collect(time.time())
             events = st.events.take_unsaved()
+            hour = int(st.clock() // 3600)
             try:
-                await st.store.flush([c for _, _, c in grown], events)
+                await st.store.flush([c for _, _, c in grown], events, hour)
             except StoreError as exc:
                 # the baselines stay: the next flush writes this growth and whatever comes
                 st.flush_failures += 1
@@ -180,6 +182,12 @@ class Loops:
                 log.info("the store works again")
             st.store_error = None
             st.flushes += 1
+            if hour != self._pruned_at:  # once an hour: forget what is past the history
+                self._pruned_at = hour
+                try:
+                    await st.store.prune_usage(hour - st.usage_days * 24)
+                except StoreError as exc:
+                    log.warning("cannot prune the usage history: %s", exc)
 
     # -- enforcing ------------------------------------------------------------------------------
     async def enforce_loop(self) -> None:

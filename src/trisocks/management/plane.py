@@ -23,6 +23,7 @@ from .loops import Loops
 from .model import ManagedTokenTable, SocksUsers
 from .observe import Observer
 from .policies import PolicyService
+from .usage import UsageService
 from .state import PlaneState
 from .store import Store, StoreInUse
 from .subscribe import Subscriptions
@@ -52,6 +53,7 @@ class Management:
         self.user_api = UserService(state)
         self.token_api = TokenService(state)
         self.policy_api = PolicyService(state)
+        self.usage_api = UsageService(state)
         self.subscriptions = Subscriptions(state, self.access, public_url=public_url,
                                            api_bound=api_bind is not None)
         self.api_port: int | None = None  # with api_bind: the port the API listens on
@@ -121,6 +123,12 @@ class Management:
 
     def subscription(self, key: str, client: str, host: str) -> s.Subscription:
         return self.subscriptions.get(key, client, host)
+
+    async def server_usage(self, q: s.UsageQuery) -> s.Usage:
+        return await self.usage_api.of_server(q)
+
+    async def user_usage(self, key: str, q: s.UsageQuery) -> s.Usage:
+        return await self.usage_api.of_user(key, q)
 
     def subscription_headers(self, key: str) -> dict[str, str]:
         return self.subscriptions.headers(key)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Literal
 
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from ..policy.spec import Policy
 
@@ -284,3 +284,34 @@ class HealthChecks(Struct, kw_only=True):
 class Health(Struct, kw_only=True):
     status: Literal["ok", "error"]
     checks: HealthChecks
+
+
+# -- usage history ---------------------------------------------------------------------------------
+
+
+class UsageQuery(Struct, kw_only=True):
+    """GET /api/usage and /api/users/{key}/usage: a time range (default: the last 7 days by
+    hour, the last 30 by day) cut into hours or UTC days."""
+
+    from_: Timestamp | None = field(default=None, name="from")
+    to: Timestamp | None = None
+    step: Literal["hour", "day"] = "hour"
+
+
+class UsageBucket(Struct, kw_only=True):
+    start: datetime  # the hour or UTC day the figures are of
+    bytes_up: int
+    bytes_down: int
+    connections: int  # channels opened
+
+
+class Usage(Struct, kw_only=True):
+    """Buckets with traffic only (an hour without any is absent); the totals are their sums."""
+
+    step: Literal["hour", "day"]
+    from_: datetime = field(name="from")
+    to: datetime
+    bytes_up: int
+    bytes_down: int
+    connections: int
+    buckets: list[UsageBucket]

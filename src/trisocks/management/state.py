@@ -40,6 +40,9 @@ class PlaneState:
         self.flush_failures = 0
         self.listening = False
         self.wake = trio.Event()  # set: the enforcer looks at the users now
+        # the wall clock of calendar things (usage hours, resets, expiry); tests replace it
+        self.clock = time.time
+        self.usage_days = 90  # hourly usage history kept this many days
         self.metrics_per_owner = 0  # series per token and per user in /metrics: at most this many
         self.refusals: Counter = Counter()  # policy refusals by kind (rule, channels, rate...)
 
@@ -49,10 +52,11 @@ class PlaneState:
     def wake_enforcer(self) -> None:
         self.wake.set()
 
-    async def persist(self, awaitable) -> None:
-        """Await a store write; a failure becomes Unavailable (nothing changed)."""
+    async def persist(self, awaitable):
+        """Await a store call and return its result; a failure becomes Unavailable (for a
+        write: nothing changed)."""
         try:
-            await awaitable
+            return await awaitable
         except StoreError as exc:
             log.error("database write failed: %s", exc)
             raise Unavailable("database unavailable") from None

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import math
 import os
 import sqlite3
 import threading
@@ -34,83 +33,27 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-import msgspec
 import trio
 
-from .dates import MIN_TIME, stored_time
+from .rows import (
+    Counters,
+    EventRecord,
+    Snapshot,
+    StoreError,
+    StoreInUse,
+    TokenRecord,
+    UserRecord,
+    clean_event,
+    clean_token,
+    clean_user,
+    usage_rows,
+)
 
 log = logging.getLogger("trisocks.management.store")
 
 # 1: 0.1.0. 2: a policy (JSON, trisocks.policy.spec) per token and user.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: usage history (hourly buckets per owner)
 EVENTS_KEPT = 100_000  # rows of the events table; older ones are pruned as new ones come
-
-
-class StoreError(Exception):
-    """The store cannot do what was asked (disk full, file corrupt, locked...)."""
-
-
-class StoreInUse(StoreError):
-    """Another process (a second server) has the database open."""
-
-
-class TokenRecord(msgspec.Struct, kw_only=True):
-    token: str
-    kind: str
-    origin: str = "api"  # "api": created through the API and restored at start; "cli": from -t
-    port: int | None = None  # reverse: the SOCKS5 port it had
-    username: str = ""
-    password: str = ""
-    allow_manage_connector: bool = False
-    reverse_token: str = ""
-    created_at: float = 0.0
-    bytes_up: int = 0
-    bytes_down: int = 0
-    total_connections: int = 0
-    policy: str = ""  # JSON of a trisocks.policy.spec.Policy ("" or "{}": none)
-
-
-class UserRecord(msgspec.Struct, kw_only=True):
-    id: str
-    key: str
-    name: str
-    limit_bytes: int | None = None
-    expires_at: float | None = None
-    status: str = "active"
-    created_at: float = 0.0
-    last_seen: float | None = None
-    bytes_up: int = 0
-    bytes_down: int = 0
-    total_connections: int = 0
-    policy: str = ""
-
-
-class Counters(msgspec.Struct, kw_only=True):
-    """What one owner's counters grew by since the last flush: the store adds it."""
-
-    owner: str  # "token" or "user"
-    ident: str  # the token, or the user's id
-    bytes_up: int
-    bytes_down: int
-    total_connections: int
-    last_seen: float | None = None  # a time, not an increment: the later one is kept
-
-
-class EventRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
-    id: int
-    time: float
-    type: str
-    token: str | None = None
-    user: str | None = None
-    peer: str | None = None
-    role: str | None = None
-    detail: str | None = None
-
-
-class Snapshot(msgspec.Struct):
-    tokens: list[TokenRecord]
-    users: list[UserRecord]
-    events: list[EventRecord]
 
 
 class Store(Protocol):
@@ -135,8 +78,17 @@ class Store(Protocol):
 
     async def delete_user(self, user_id: str) -> None: ...
 
-    async def flush(self, counters: list[Counters], events: list[EventRecord]) -> None:
-        """Add counter increments (of owners that still exist) and append events, in one go."""
+    async def flush(self, counters: list[Counters], events: list[EventRecord],
+                    hour: int | None = None) -> None:
+        """Add counter increments (of owners that still exist) and append events, in one go;
+        with ``hour`` (unix time // 3600) the increments go to that hour's usage too."""
+
+    async def usage(self, owner: str, ident: str, first: int, last: int) -> list[tuple]:
+        """(hour, bytes up, bytes down, connections) of one owner's hours first..last; owner
+        "user" (ident: the user's id), "token" (the token) or "server" (ident "")."""
+
+    async def prune_usage(self, before: int) -> None:
+        """Forget the usage of hours before ``before``."""
 
     async def check(self) -> None:
         """Raise StoreError unless the store can be written now."""
@@ -181,6 +133,15 @@ CREATE TABLE IF NOT EXISTS users (
     total_connections INTEGER NOT NULL DEFAULT 0,
     policy TEXT NOT NULL DEFAULT ''
 );
+CREATE TABLE IF NOT EXISTS usage (
+    owner TEXT NOT NULL,
+    ident TEXT NOT NULL,
+    hour INTEGER NOT NULL,
+    bytes_up INTEGER NOT NULL DEFAULT 0,
+    bytes_down INTEGER NOT NULL DEFAULT 0,
+    connections INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (owner, ident, hour)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
@@ -206,51 +167,6 @@ def _upsert(table: str, cols: tuple[str, ...], key: str) -> str:
     updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != key and c not in _COUNTER_COLS)
     return (f"INSERT INTO {table} ({','.join(cols)}) VALUES ({','.join('?' * len(cols))}) "
             f"ON CONFLICT({key}) DO UPDATE SET {updates}")
-
-
-def _count(value, what: str) -> int:
-    """A stored counter: a non-negative integer, or 0."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, float) and math.isfinite(value) and value >= 0:
-        return int(value)
-    log.warning("%s: stored value %r is not a count; taken as 0", what, value)
-    return 0
-
-
-def _clean_user(rec: UserRecord) -> UserRecord:
-    what = f"user {rec.name!r}"
-    for name in ("id", "key", "name"):
-        if not isinstance(getattr(rec, name), str):
-            setattr(rec, name, str(getattr(rec, name)))
-    rec.expires_at = stored_time(rec.expires_at, f"{what} expires_at", invalid=MIN_TIME)
-    rec.created_at = stored_time(rec.created_at, f"{what} created_at", invalid=MIN_TIME) or MIN_TIME
-    rec.last_seen = stored_time(rec.last_seen, f"{what} last_seen", invalid=None)
-    if rec.limit_bytes is not None:
-        limit = _count(rec.limit_bytes, f"{what} limit_bytes")  # garbage: 0, fail closed
-        rec.limit_bytes = min(limit, 1 << 62)
-    if rec.status not in ("active", "disabled"):
-        log.warning("%s: stored status %r is unknown; taken as disabled", what, rec.status)
-        rec.status = "disabled"
-    for name in ("bytes_up", "bytes_down", "total_connections"):
-        setattr(rec, name, _count(getattr(rec, name), f"{what} {name}"))
-    rec.policy = rec.policy if isinstance(rec.policy, str) else ""
-    return rec
-
-
-def _clean_token(rec: TokenRecord) -> TokenRecord:
-    what = f"token row {rec.kind}"
-    rec.token = str(rec.token)
-    rec.created_at = stored_time(rec.created_at, f"{what} created_at", invalid=MIN_TIME) or MIN_TIME
-    for name in ("bytes_up", "bytes_down", "total_connections"):
-        setattr(rec, name, _count(getattr(rec, name), f"{what} {name}"))
-    rec.policy = rec.policy if isinstance(rec.policy, str) else ""
-    return rec
-
-
-def _clean_event(rec: EventRecord) -> EventRecord:
-    rec.time = stored_time(rec.time, f"event {rec.id}", invalid=MIN_TIME) or MIN_TIME
-    return rec
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
@@ -376,15 +292,15 @@ class SQLiteStore:
             conn.executescript(_SCHEMA)
             _migrate(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            tokens = [_clean_token(TokenRecord(**dict(zip(_TOKEN_COLS, row, strict=False))))
+            tokens = [clean_token(TokenRecord(**dict(zip(_TOKEN_COLS, row, strict=False))))
                       for row in conn.execute(f"SELECT {','.join(_TOKEN_COLS)} FROM tokens ORDER BY rowid")]
             for t in tokens:
                 t.allow_manage_connector = bool(t.allow_manage_connector)
-            users = [_clean_user(UserRecord(**dict(zip(_USER_COLS, row, strict=False))))
+            users = [clean_user(UserRecord(**dict(zip(_USER_COLS, row, strict=False))))
                      for row in conn.execute(f"SELECT {','.join(_USER_COLS)} FROM users "
                                              "ORDER BY rowid")]
             users.sort(key=lambda u: u.created_at)  # stable: rowid order among equals
-            events = [_clean_event(EventRecord(**dict(zip(_EVENT_COLS, row, strict=False))))
+            events = [clean_event(EventRecord(**dict(zip(_EVENT_COLS, row, strict=False))))
                       for row in conn.execute(f"SELECT {','.join(_EVENT_COLS)} FROM events "
                                               "ORDER BY id DESC LIMIT ?", (self.events_loaded,))]
         except BaseException:
@@ -411,9 +327,12 @@ class SQLiteStore:
                                     [(user_id,)])])
 
     async def delete_user(self, user_id: str) -> None:
-        await self._run(self._tx, [("DELETE FROM users WHERE id = ?", [(user_id,)])])
+        await self._run(self._tx, [("DELETE FROM users WHERE id = ?", [(user_id,)]),
+                                   ("DELETE FROM usage WHERE owner = 'user' AND ident = ?",
+                                    [(user_id,)])])
 
-    async def flush(self, counters: list[Counters], events: list[EventRecord]) -> None:
+    async def flush(self, counters: list[Counters], events: list[EventRecord],
+                    hour: int | None = None) -> None:
         if not counters and not events:
             return
         token_rows = [(c.bytes_up, c.bytes_down, c.total_connections, c.ident)
@@ -432,10 +351,28 @@ class SQLiteStore:
             ((f"INSERT OR REPLACE INTO events ({','.join(_EVENT_COLS)}) "
              f"VALUES ({','.join('?' * len(_EVENT_COLS))})"), event_rows),
         ]
+        if hour is not None:
+            statements.append((
+                "INSERT INTO usage (owner, ident, hour, bytes_up, bytes_down, connections) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, ident, hour) DO UPDATE SET "
+                "bytes_up = bytes_up + excluded.bytes_up, "
+                "bytes_down = bytes_down + excluded.bytes_down, "
+                "connections = connections + excluded.connections", usage_rows(counters, hour)))
         if event_rows:
             last = event_rows[-1][0]
             statements.append(("DELETE FROM events WHERE id <= ?", [(last - EVENTS_KEPT,)]))
         await self._run(self._tx, statements)
+
+    async def usage(self, owner: str, ident: str, first: int, last: int) -> list[tuple]:
+        return await self._run(self._query, (
+            "SELECT hour, bytes_up, bytes_down, connections FROM usage WHERE owner = ? AND "
+            "ident = ? AND hour BETWEEN ? AND ? ORDER BY hour"), (owner, ident, first, last))
+
+    def _query(self, sql: str, params: tuple) -> list[tuple]:
+        return self._conn.execute(sql, params).fetchall()
+
+    async def prune_usage(self, before: int) -> None:
+        await self._run(self._tx, [("DELETE FROM usage WHERE hour < ?", [(before,)])])
 
     async def check(self) -> None:
         await self._run(self._check_sync)
@@ -468,3 +405,7 @@ class SQLiteStore:
                 self._conn = None
             self._drop_lock()
 
+
+
+__all__ = ["Counters", "EventRecord", "SQLiteStore", "Snapshot", "Store", "StoreError", "StoreInUse",
+           "TokenRecord", "UserRecord", "default_path"]
