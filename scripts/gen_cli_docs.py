@@ -93,8 +93,8 @@ Supervisors, scripts and tests may wait for these client-side lines (logger
 
 | status | when |
 | --- | --- |
-| 0 | `trisocks version`, `--version`, `--help` |
-| 1 | a runtime failure: the server refused the token (never retried), the server was lost with `-R`, a port could not be opened (`cannot listen on 127.0.0.1:8765 for the server: address already in use`), the database failed, logged at ERROR |
+| 0 | `trisocks version`, `--version`, `--help`; `trisocks health` when the server answers |
+| 1 | `trisocks health` when the server does not answer (or not with 200); a runtime failure: the server refused the token (never retried), the server was lost with `-R`, a port could not be opened (`cannot listen on 127.0.0.1:8765 for the server: address already in use`), the database failed, logged at ERROR |
 | 2 | a usage or configuration error, before anything starts: an unknown flag, a missing or non-numeric value, no command at all, a `TRISOCKS_*` variable that does not fit its flag (only for the command that uses it), a malformed `-x` URL or proxy variable, `-n` without `-w`, `-T 0`, `-c` on a non-provider client, `-c`/`-a` without `-r`, an unreadable TLS file, an unsupported `-u` scheme, a negative `--grace`, a `--db` in use by another server. The message starts with `trisocks: error:` (the database in use: an ERROR line) |
 | 0 | a client, provider or connector stopped with SIGTERM: its WebSockets were closed with a close frame (1001), so the server forgets it at once |
 | 0 | `trisocks server` stopped with SIGTERM or SIGINT: its listeners closed at once, open channels got up to `--grace` seconds to finish (a second signal cuts that short), with `-k` or `--db` the counters were saved; the log says `stopping: no new connections, ...` and then `stopped: ...` (see [deploy](deploy.md#stopping-signals-and-exit-codes)) |

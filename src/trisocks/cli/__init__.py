@@ -1,4 +1,4 @@
-"""Command line: ``trisocks server|client|provider|connector|hash-key|version``, with LinkSocks's flags
+"""Command line: ``trisocks server|client|provider|connector|hash-key|version|health``, with LinkSocks's flags
 and defaults.
 
 Every flag can also come from a ``TRISOCKS_*`` environment variable (named in
@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"server": server.cmd_server, "client": client.cmd_client, "provider": client.cmd_client,
-            "connector": client.cmd_client, "version": tools.cmd_version, "hash-key": tools.cmd_hash_key}
+            "connector": client.cmd_client, "version": tools.cmd_version, "hash-key": tools.cmd_hash_key,
+            "health": tools.cmd_health}
 
 
 def main(argv: list[str] | None = None) -> int:
