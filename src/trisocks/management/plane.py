@@ -16,6 +16,9 @@ import signal
 
 import trio
 
+from ..net.notify import Notifier
+from ..tunnel.server import DEFAULT_GRACE, STOP_SIGNALS, stop_gracefully
+from ..wire.names import hostport
 from . import schemas as s
 from .access import Access
 from .keys import ApiKey, FailureLimiter
@@ -23,11 +26,11 @@ from .loops import Loops
 from .model import ManagedTokenTable, SocksUsers
 from .observe import Observer
 from .policies import PolicyService
-from .usage import UsageService
 from .state import PlaneState
 from .store import Store, StoreInUse
 from .subscribe import Subscriptions
 from .tokens import TokenService
+from .usage import UsageService
 from .users import UserService, new_user_key
 
 __all__ = ["Management", "new_user_key"]
@@ -60,6 +63,11 @@ class Management:
         self._asgi = None
         self._app = None
         self._config = None  # the server's configuration, as create_server() was given it
+        # with handle_signals: seconds open channels get after SIGTERM/SIGINT (the CLI's --grace)
+        self.grace = DEFAULT_GRACE
+        self.notifier = Notifier.from_environment() if handle_signals else Notifier()
+        self._api_scope = trio.CancelScope()
+        self._outcome = ""  # how the stop went, for the last log line
 
     # -- what callers and tests read ------------------------------------------------------------
     store = property(lambda self: self.state.store)
@@ -174,8 +182,24 @@ class Management:
         return server
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Restore, then serve until cancelled; a last flush on the way out."""
+        """Restore, then serve until cancelled; a last flush on the way out.
+
+        With ``handle_signals`` (the plane is the process): READY=1 to the service manager
+        once everything is up (see :mod:`trisocks.net.notify`); SIGTERM and SIGINT stop
+        gracefully (every listener closes, open channels get ``grace`` seconds, see
+        :func:`~trisocks.tunnel.server.stop_gracefully`), SIGHUP at once."""
+        if not self.handle_signals:
+            await self._run(None, task_status)
+            return
+        with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
+            await self._run(signals, task_status)
+        if self._outcome:
+            saved = "counters saved" if self.state.store_error is None else "the last save failed"
+            log.info("stopped: %s; %s", self._outcome, saved)
+
+    async def _run(self, signals, task_status) -> None:
         st = self.state
+        self._api_scope = trio.CancelScope()
         assert st.server is not None, "create_server() first"
         try:
             snapshot = await st.store.open()
@@ -189,8 +213,9 @@ class Management:
         try:
             await self.loops.restore(snapshot)
             async with trio.open_nursery() as nursery:
-                if self.handle_signals:
-                    nursery.start_soon(self._stop_on_signals, nursery.cancel_scope)
+                if signals is not None:
+                    nursery.start_soon(self._stop_on_signals, signals, nursery.cancel_scope)
+                    self.notifier.start_watchdog(nursery)
                 if self._asgi is not None:
                     await nursery.start(self._asgi.run_lifespan)
                 port = await nursery.start(self._serve_tunnel)
@@ -200,6 +225,9 @@ class Management:
                 if self.api_key is not None and self.api_bind is not None:
                     await self._serve_api(nursery)
                 log.info("management plane on: %s%s", st.store.description, self._api_where())
+                if signals is not None:
+                    self.notifier.ready(f"listening on {hostport(st.server.host, port)}"
+                                        f"{self._api_where()}")
                 task_status.started(port)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(10):
@@ -211,7 +239,7 @@ class Management:
         from .serving import serve_bound
 
         server = self.state.server
-        self.api_port = await nursery.start(serve_bound, self.app, self.api_bind, self._config)
+        self.api_port = await nursery.start(self._api_listener, serve_bound)
         # the tunnel must not lead to the API's own listener either
         server.add_listener(self.api_bind[0], self.api_port)
         if self.access.resolve_client is None and server.trusts_proxies:
@@ -238,9 +266,21 @@ class Management:
         finally:
             st.listening = False
 
-    async def _stop_on_signals(self, scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-            async for signum in signals:
-                log.info("%s: stopping (counters are being saved)", signal.Signals(signum).name)
+    async def _api_listener(self, serve_bound, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with self._api_scope:  # cancelled when stopping begins: the listener closes
+            await serve_bound(self.app, self.api_bind, self._config, task_status=task_status)
+
+    async def _stop_on_signals(self, signals, scope: trio.CancelScope) -> None:
+        async for signum in signals:
+            if signum == signal.SIGHUP:  # at once, as before (it is to become a reload)
+                log.info("SIGHUP: stopping (counters are being saved)")
+                self.notifier.stopping()
+                self._outcome = "on SIGHUP"
                 scope.cancel()
                 return
+            self.state.listening = False  # /healthz on a kept-alive connection: not serving
+            self._api_scope.cancel()
+            self._outcome = await stop_gracefully(
+                self.state.server, signals, signum, scope, grace=self.grace,
+                notifier=self.notifier, note=" (counters are being saved)")
+            return
