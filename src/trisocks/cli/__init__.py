@@ -24,6 +24,7 @@ from .common import (
     log,
     raise_fd_limit,
     setup_logging,
+    setup_logging_for,
     usage_error,
 )
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for error in ENV_ERRORS.get(f"{parser.prog} {args.command}", []):
         usage_error(error)
-    setup_logging(getattr(args, "debug", 0))
+    setup_logging_for(args)
     for warning in ENV_WARNINGS.get(f"{parser.prog} {args.command}", []):
         logging.getLogger("trisocks").warning("%s", warning)
     raise_fd_limit()

@@ -107,6 +107,47 @@ def add_debug(parser):
         default = 1
     parser.add_argument("-d", "--debug", action="count", default=default,
                         help="more logging: -d for debug, -dd for every message [env TRISOCKS_DEBUG=1|2]")
+    add_logging(parser)
+
+
+def add_logging(parser) -> None:
+    """--log-format, --log-file and --log-limit (docs/logging.md), with -d on every command
+    that runs."""
+    from .logs import DEFAULT_LIMIT, FORMATS
+
+    add_option(parser, "--log-format", env="LOG_FORMAT", default="text", choices=FORMATS,
+               help="text: 'DATE TIME LEVEL LOGGER: message' lines; json: one JSON object a line "
+               "with time (RFC 3339, UTC), level, logger, message and the event's fields")
+    add_option(parser, "--log-file", env="LOG_FILE", default="", metavar="FILE",
+               help="append the log to FILE instead of standard error; when FILE is moved or "
+               "deleted (logrotate) the next line starts a new one, no signal needed")
+    add_option(parser, "--log-limit", env="LOG_LIMIT", default=DEFAULT_LIMIT,
+               metavar="COUNT/SECONDS",
+               help="at most COUNT lines of one kind (same logger, level and message) per "
+               "SECONDS; one line then says how many more were held back, so that a flood "
+               "cannot fill the disk. 0: no limit (nor with -d)")
+
+
+def add_access_log(parser) -> None:
+    add_option(parser, "--access-log", env="ACCESS_LOG", default="", metavar="FILE",
+               help="write one line per finished channel to FILE ('-': standard output): user "
+               "or token id, client address, destination, bytes each way, duration, how it "
+               "ended; in the --log-format, reopened like --log-file (docs/logging.md)")
+
+
+def open_access_log(args, server) -> None:
+    """Start the access log of ``server`` (a tunnel Server) when --access-log asks for one."""
+    if not getattr(args, "access_log", ""):
+        return
+    from ..net.access import AccessLog
+    from ..net.session import Session
+    from .logs import access_logger
+
+    try:
+        access_logger(args.access_log, getattr(args, "log_format", "text"))
+    except OSError as exc:
+        usage_error(f"--access-log {args.access_log}: cannot open it ({exc.strerror or exc})")
+    Session.access_log = AccessLog(who=server.sessions.get)
 
 
 def add_list(parser, *flags, env: str, help: str, metavar: str, track: bool = False):
@@ -236,11 +277,25 @@ def fix_malloc_threshold() -> None:
         pass  # not glibc: nothing to do
 
 
-def setup_logging(level: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    log.setLevel({0: logging.INFO, 1: logging.DEBUG}.get(level, TRACE))
+def setup_logging(level: int, log_format: str = "text", log_file: str = "",
+                  log_limit: str = "0") -> None:
+    """Logging for a command: -d ``level``, and its --log-format/--log-file/--log-limit
+    (trisocks.cli.logs). A file that cannot be opened, or a bad limit, is a usage error."""
+    from .logs import FORMATS, configure, parse_limit
+
+    if log_format not in FORMATS:
+        usage_error(f"--log-format {log_format!r}: choose text or json")
+    try:
+        limit = parse_limit(log_limit or "0")
+    except ValueError as exc:
+        usage_error(f"--log-limit {exc}")
+    try:
+        configure(level, TRACE, log_format, log_file, limit)
+    except OSError as exc:
+        usage_error(f"--log-file {log_file}: cannot open it ({exc.strerror or exc})")
+
+
+def setup_logging_for(args) -> None:
+    """setup_logging() with a parsed command line (commands without the flags: defaults)."""
+    setup_logging(getattr(args, "debug", 0), getattr(args, "log_format", "text"),
+                  getattr(args, "log_file", ""), getattr(args, "log_limit", "0"))

@@ -10,6 +10,7 @@ import trio
 from .common import (
     Formatter,
     OnArgv,
+    add_access_log,
     add_debug,
     add_flag,
     add_list,
@@ -19,6 +20,7 @@ from .common import (
     from_env,
     log,
     one_secret,
+    open_access_log,
     read_secret_file,
     usage_error,
     warn_secret_on_argv,
@@ -125,6 +127,7 @@ def add_parser(sub) -> None:
     add_option(m, "--public-url", env="PUBLIC_URL", default="",
          help="the WebSocket URL clients use to reach this server (ws[s]://host[:port]), for "
          "/api/subscribe; default: what the request came to")
+    add_access_log(s)
     add_debug(s)
 
 
@@ -244,6 +247,7 @@ def cmd_server(args) -> int:
                   else Server(config, tokens))
     except ValueError as exc:
         usage_error(f"{exc}")
+    open_access_log(args, server)
     log.info("%d %s token(s)%s configured", len(given), kind,
              f" and {len(args.connector_token)} connector token(s)" if args.connector_token else "")
     for token in given:

@@ -66,6 +66,10 @@ class Handler:
 
 
 class Session(Reader):
+    # The process's access log (net/access.py), if ``--access-log`` asked for one: told of
+    # every channel registered and forgotten. Off, it costs one attribute check per channel.
+    access_log = None
+
     def __init__(
         self,
         transport,
@@ -212,6 +216,8 @@ class Session(Reader):
         ch.account = account if account is not None else self.account
         if ch.account is not None:
             ch.account.opened(ch)
+        if self.access_log is not None:
+            self.access_log.opened(ch)
 
     def forget(self, ch) -> None:
         if self.channels.get(ch.id) is ch:
@@ -221,6 +227,8 @@ class Session(Reader):
                 self.group.open -= 1
             if ch.account is not None:
                 ch.account.closed(ch)
+            if self.access_log is not None:
+                self.access_log.closed(self, ch)
 
     def refuse_reason(self, account=None) -> str | None:
         """Why a new channel asked for by the peer must be refused (too many open, the
