@@ -155,7 +155,7 @@ async def test_the_openapi_document_covers_every_endpoint():
             ("get", "/api/stats"), ("get", "/api/events"), ("get", "/healthz"), ("get", "/metrics"),
             ("get", "/api/openapi.json"), ("get", "/api/tokens/{token}"),
             ("patch", "/api/tokens/{token}"), ("get", "/api/usage"),
-            ("get", "/api/users/{key}/usage"),
+            ("get", "/api/users/{key}/usage"), ("post", "/api/users/remove"),
         }
         assert {(m, p) for p, ops in paths.items() for m in ops} == expected
         schemas = doc["components"]["schemas"]

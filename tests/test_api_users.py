@@ -28,7 +28,8 @@ from .support.peers import start_trisocks_client
 
 USER_FIELDS = {"key", "name", "id", "bytes_up", "bytes_down", "connections", "total_connections",
                "clients", "limit_bytes", "expires_at", "status", "blocked", "created_at",
-               "last_seen", "policy", "rules_in_force", "live"}
+               "last_seen", "policy", "rules_in_force", "live", "reset_strategy", "next_reset",
+               "last_reset", "on_hold_duration"}
 CUT_WITHIN = 1.0  # seconds: how fast a change must reach live traffic
 
 
@@ -106,7 +107,8 @@ async def test_user_endpoints_and_fields():
             "key": None, "name": None, "id": None, "created_at": None, "bytes_up": 0, "bytes_down": 0,
             "connections": 0, "total_connections": 0, "clients": 0, "limit_bytes": None,
             "expires_at": None, "status": "active", "blocked": None, "last_seen": None,
-            "policy": {},
+            "reset_strategy": "none", "next_reset": None, "last_reset": None,
+            "on_hold_duration": None, "policy": {},
             "rules_in_force": [{"level": "server", "rules": ["deny own", "allow loopback"]},
                                {"level": "default", "rules": [
                 "deny own", "deny loopback", "deny link-local", "deny unspecified",

@@ -544,4 +544,4 @@ def test_policies_survive_a_restart_and_an_old_database_is_migrated(procs, tmp_p
     token = http("GET", f"{again.http_url}/api/tokens/old-token-000001").json()
     assert token["policy"] == {"max_clients": 1}
     with sqlite3.connect(db) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3

@@ -15,7 +15,7 @@ TYPES = (
     "auth_success", "auth_failure", "session_closed", "provider_joined", "provider_left",
     "token_added", "token_removed", "token_updated",
     "user_created", "user_updated", "user_deleted", "user_reset", "user_rotated",
-    "quota_exceeded", "user_expired", "policy_refused",
+    "quota_exceeded", "user_expired", "user_activated", "policy_refused",
     "api_auth_failure", "api_rate_limited",
     "store_error",
 )

@@ -14,8 +14,9 @@ import time
 import trio
 
 from ..tunnel.tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, redact
+from .lifecycle import next_boundary
 from .model import REASON_EXPIRED, Meter, TokenMeter
-from .records import restore_policy, token_record, user_from_record
+from .records import restore_policy, token_record, user_from_record, user_record
 from .state import PlaneState
 from .store import Counters, Snapshot, StoreError, TokenRecord
 
@@ -165,12 +166,17 @@ class Loops:
             grown = self._collect(time.time())
             events = st.events.take_unsaved()
             hour = int(st.clock() // 3600)
+            dirty, st.dirty = st.dirty, set()
             try:
+                for user in dirty:  # changed by the plane itself (a first connection...)
+                    if st.users.get(user.key) is user:
+                        await st.store.put_user(user_record(user))
                 await st.store.flush([c for _, _, c in grown], events, hour)
             except StoreError as exc:
                 # the baselines stay: the next flush writes this growth and whatever comes
                 st.flush_failures += 1
                 st.events.put_back(events)
+                st.dirty |= dirty
                 if st.store_error != str(exc):
                     log.error("cannot save counters and events: %s", exc)
                     st.events.add("store_error", detail=str(exc))
@@ -190,12 +196,38 @@ class Loops:
                     log.warning("cannot prune the usage history: %s", exc)
 
     # -- enforcing ------------------------------------------------------------------------------
+    async def _periodic_reset(self, user, now: float) -> None:
+        """A calendar boundary of the user's reset strategy passed: zero the counters (in
+        the store first), and a user cut off by the limit may connect again."""
+        st = self.state
+        async with st.lock:
+            if st.users.get(user.key) is not user or user.next_reset is None or now < user.next_reset:
+                return
+            nxt = next_boundary(user.reset_strategy, now, st.tz)
+            try:
+                await st.store.reset_user(user.id)
+                await st.store.put_user(user_record(user, last_reset=now, next_reset=nxt))
+            except StoreError as exc:
+                log.warning("user %s: periodic reset not done, the store failed: %s", user.name, exc)
+                user.next_reset = now + ENFORCE_INTERVAL  # try again soon
+                return
+            user.reset()
+            user.flushed = (0, 0, *user.flushed[2:])
+            user.last_reset, user.next_reset = now, nxt
+        st.events.add("user_reset", user=user.name, detail=f"periodic ({user.reset_strategy})")
+        log.info("user %s: traffic reset (%s)", user.name, user.reset_strategy)
+
     async def enforce_loop(self) -> None:
         st = self.state
         while True:
-            now = time.time()
             wait = ENFORCE_INTERVAL
+            now = st.clock()
             for user in list(st.users.values()):
+                if user.next_reset is not None:
+                    if now >= user.next_reset:
+                        await self._periodic_reset(user, now)
+                    if user.next_reset is not None:
+                        wait = min(wait, user.next_reset - now)
                 if user.expires_at is not None:
                     if now >= user.expires_at:
                         if not user.expiry_noted:

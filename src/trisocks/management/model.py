@@ -32,6 +32,7 @@ from ..tunnel.tokens import TokenInfo, TokenTable
 
 ACTIVE = "active"
 DISABLED = "disabled"
+ON_HOLD = "on_hold"  # waiting for the first connection (lifecycle.py)
 
 # refusal reasons, as the data path reports them to clients (and the API shows them)
 REASON_DISABLED = "disabled"
@@ -180,16 +181,27 @@ class UserAccount(Meter):
         "id",
         "key",
         "limit_bytes",
+        "last_reset",
         "name",
+        "next_reset",
+        "on_hold_duration",
         "on_quota",
         "quota_noted",
+        "reset_strategy",
         "status",
     )
 
     def __init__(self, *, id: str, key: str, name: str, limit_bytes: int | None = None,
                  expires_at: float | None = None, status: str = ACTIVE,
-                 created_at: float | None = None, **counters) -> None:
+                 created_at: float | None = None, reset_strategy: str = "none",
+                 next_reset: float | None = None, last_reset: float | None = None,
+                 on_hold_duration: int | None = None, **counters) -> None:
         super().__init__(**counters)
+        # lifecycle.py: periodic resets, and validity that starts at the first connection
+        self.reset_strategy = reset_strategy
+        self.next_reset = next_reset
+        self.last_reset = last_reset
+        self.on_hold_duration = on_hold_duration
         self.id = id
         self.key = key
         self.name = name
@@ -207,7 +219,8 @@ class UserAccount(Meter):
 
     def refuse_reason(self, now: float | None = None) -> str | None:
         if self.status != ACTIVE:
-            return REASON_DISABLED
+            # on hold: may connect; the first session starts its validity (observe.py)
+            return None if self.status == ON_HOLD else REASON_DISABLED
         if self.expires_at is not None and (now if now is not None else time.time()) >= self.expires_at:
             return REASON_EXPIRED
         if self.limit_bytes is not None and self.used >= self.limit_bytes:

@@ -15,7 +15,7 @@ from ..tunnel.tokens import REVERSE, TokenInfo
 from . import metrics
 from . import schemas as s
 from .dates import rfc3339
-from .model import Meter, TokenMeter, UserAccount
+from .model import ACTIVE, ON_HOLD, Meter, TokenMeter, UserAccount
 from .state import PlaneState
 from .store import StoreError
 
@@ -37,6 +37,8 @@ class Observer:
         if kind == "auth_success":
             if isinstance(account, Meter):
                 account.last_seen = time.time()
+            if isinstance(account, UserAccount) and account.status == ON_HOLD:
+                self._activate(account)
             events.add("auth_success", token=token, user=user, peer=peer, role=role)
             if role == REVERSE:
                 events.add("provider_joined", token=token, peer=peer, role=role)
@@ -56,6 +58,18 @@ class Observer:
             if role == REVERSE:
                 events.add("provider_left", token=token, peer=peer, role=role,
                            detail=f.get("reason"))
+
+    def _activate(self, user: UserAccount) -> None:
+        """The first connection of a user on hold: its validity starts now."""
+        st = self.state
+        user.status = ACTIVE
+        user.expires_at = st.clock() + user.on_hold_duration
+        user.expiry_noted = False
+        user.update_allow()
+        st.dirty.add(user)  # written by the next flush
+        st.events.add("user_activated", user=user.name,
+                      detail=f"first connection; expires {rfc3339(user.expires_at).isoformat()}")
+        log.info("user %s: first connection, valid for %d s", user.name, user.on_hold_duration)
 
     def token_added(self, info: TokenInfo) -> None:
         if info.owner:  # a provider's own connector token (autonomy mode)

@@ -102,8 +102,11 @@ class Management:
     def server_status(self) -> s.ServerStatus:
         return self.user_api.server_status()
 
-    def list_users(self) -> s.UserList:
-        return self.user_api.list()
+    def list_users(self, q: s.UsersQuery | None = None) -> s.UserList:
+        return self.user_api.list(q)
+
+    async def remove_users(self, req: s.UsersRemove) -> s.Removed:
+        return await self.user_api.remove(req)
 
     def get_user(self, key: str) -> s.User:
         return self.user_api.get(key)

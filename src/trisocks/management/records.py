@@ -33,7 +33,9 @@ def user_record(user: UserAccount, **override) -> UserRecord:
     rec = UserRecord(id=user.id, key=user.key, name=user.name, limit_bytes=user.limit_bytes,
                      expires_at=user.expires_at, status=user.status, created_at=user.created_at,
                      last_seen=user.last_seen, bytes_up=up, bytes_down=down,
-                     total_connections=user.total_connections, policy=spec.encode(user.policy))
+                     total_connections=user.total_connections, policy=spec.encode(user.policy),
+                     reset_strategy=user.reset_strategy, next_reset=user.next_reset,
+                     last_reset=user.last_reset, on_hold_duration=user.on_hold_duration)
     for name, value in override.items():
         setattr(rec, name, value)
     return rec
@@ -44,7 +46,9 @@ def user_from_record(rec: UserRecord) -> UserAccount:
                        expires_at=rec.expires_at, status=rec.status,
                        created_at=rec.created_at, bytes_up=rec.bytes_up,
                        bytes_down=rec.bytes_down, total_connections=rec.total_connections,
-                       last_seen=rec.last_seen)
+                       last_seen=rec.last_seen, reset_strategy=rec.reset_strategy,
+                       next_reset=rec.next_reset, last_reset=rec.last_reset,
+                       on_hold_duration=rec.on_hold_duration)
     restore_policy(user, rec.policy, f"user {rec.name!r}")
     user.quota_noted = user.refuse_reason() == REASON_LIMIT
     user.expiry_noted = user.refuse_reason() == REASON_EXPIRED

@@ -17,7 +17,11 @@ async def server_status(call: Call):
 
 
 async def list_users(call: Call):
-    return call.plane.list_users()
+    return call.plane.list_users(call.query)
+
+
+async def remove_users(call: Call):
+    return await call.plane.remove_users(call.body)
 
 
 async def create_user(call: Call):
@@ -60,8 +64,19 @@ def operations() -> list[Operation]:
         Operation("GET", "/api/server/status", server_status,
                   summary="Version, uptime and number of users", tag=TAG,
                   responses={200: (s.ServerStatus, "")}),
-        Operation("GET", "/api/users", list_users, summary="Every user", tag=TAG,
-                  responses={200: (s.UserList, "users, oldest first")}),
+        Operation("GET", "/api/users", list_users, summary="Users, with filters and paging",
+                  tag=TAG, query=s.UsersQuery,
+                  responses={200: (s.UserList, "users, oldest first"), 422: INVALID},
+                  description="``status`` (active, disabled, on_hold, expired, limited), "
+                  "``expiring_before`` (an RFC 3339 time), ``usage_over`` (percent of "
+                  "limit_bytes used), ``offset`` and ``limit`` (1000). ``total`` counts every "
+                  "user that matches."),
+        Operation("POST", "/api/users/remove", remove_users,
+                  summary="Remove every user of the given statuses", tag=TAG, body=s.UsersRemove,
+                  responses={200: (s.Removed, "the names of the users removed"), 400: BAD_BODY,
+                             422: INVALID, 503: UNAVAILABLE},
+                  description='{"status": ["expired", "limited"]} removes the expired and the '
+                  "depleted users in one call, as DELETE /api/users/{key} would each."),
         Operation(
             "POST", "/api/users", create_user, summary="Create a user", tag=TAG, body=s.UserCreate,
             body_optional=True,

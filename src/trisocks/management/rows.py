@@ -51,6 +51,10 @@ class UserRecord(msgspec.Struct, kw_only=True):
     bytes_down: int = 0
     total_connections: int = 0
     policy: str = ""
+    reset_strategy: str = "none"
+    next_reset: float | None = None
+    last_reset: float | None = None
+    on_hold_duration: int | None = None
 
 
 class Counters(msgspec.Struct, kw_only=True):
@@ -102,7 +106,18 @@ def clean_user(rec: UserRecord) -> UserRecord:
     if rec.limit_bytes is not None:
         limit = _count(rec.limit_bytes, f"{what} limit_bytes")  # garbage: 0, fail closed
         rec.limit_bytes = min(limit, 1 << 62)
-    if rec.status not in ("active", "disabled"):
+    if rec.reset_strategy not in ("none", "day", "week", "month", "year"):
+        log.warning("%s: stored reset_strategy %r is unknown; taken as none", what,
+                    rec.reset_strategy)
+        rec.reset_strategy = "none"
+    rec.next_reset = stored_time(rec.next_reset, f"{what} next_reset", invalid=None)
+    rec.last_reset = stored_time(rec.last_reset, f"{what} last_reset", invalid=None)
+    if rec.on_hold_duration is not None:
+        rec.on_hold_duration = _count(rec.on_hold_duration, f"{what} on_hold_duration") or None
+    if rec.status == "on_hold" and rec.on_hold_duration is None:
+        log.warning("%s: on hold without a duration; taken as active", what)
+        rec.status = "active"
+    if rec.status not in ("active", "disabled", "on_hold"):
         log.warning("%s: stored status %r is unknown; taken as disabled", what, rec.status)
         rec.status = "disabled"
     for name in ("bytes_up", "bytes_down", "total_connections"):

@@ -30,7 +30,10 @@ Timestamp = Annotated[datetime, Meta(tz=True, description=(
     "2200-01-01T00:00:00Z (app.check_dates; msgspec has no bounds for dates)"))]
 # a SOCKS5 username or password (RFC 1929: at most 255 bytes; the plane checks the bytes)
 SocksText = Annotated[str, Meta(max_length=255)]
-Status = Literal["active", "disabled"]
+Status = Literal["active", "disabled", "on_hold"]  # what the API may set
+ResetStrategy = Literal["none", "day", "week", "month", "year"]
+HoldDuration = Annotated[int, Meta(ge=60, le=100 * 365 * 86400, description=(
+    "seconds of validity that start at the first connection (status on_hold)"))]
 
 
 class Request(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -112,6 +115,8 @@ class UserCreate(Request):
     expires_at: Timestamp | None = None
     status: Status = "active"
     policy: Policy | UnsetType = UNSET  # destination rules and limits (docs/policy.md)
+    reset_strategy: ResetStrategy = "none"  # periodic traffic resets (docs/operations.md)
+    on_hold_duration: HoldDuration | None = None  # with status on_hold
 
 
 class UserLimit(Request):
@@ -130,6 +135,8 @@ class UserPatch(Request):
     limit_bytes: Bytes | None | UnsetType = UNSET
     expires_at: Timestamp | None | UnsetType = UNSET
     policy: Policy | UnsetType = UNSET  # the fields given change; null removes one
+    reset_strategy: ResetStrategy | UnsetType = UNSET
+    on_hold_duration: HoldDuration | None | UnsetType = UNSET
 
 
 class RuleLevel(Struct, kw_only=True):
@@ -164,7 +171,12 @@ class User(Struct, kw_only=True):
     clients: int  # WebSocket sessions authenticated with the key now
     limit_bytes: int | None
     expires_at: datetime | None
-    status: Status
+    # active, disabled, on_hold, expired or limited (docs/operations.md); blocked says why
+    status: Literal["active", "disabled", "on_hold", "expired", "limited"]
+    reset_strategy: ResetStrategy
+    next_reset: datetime | None
+    last_reset: datetime | None
+    on_hold_duration: int | None
     blocked: str | None  # why traffic is refused now ("traffic limit reached", "expired", "disabled")
     created_at: datetime
     last_seen: datetime | None
@@ -188,7 +200,29 @@ class TokenDetail(Struct, kw_only=True):
 
 class UserList(Struct, kw_only=True):
     users: list[User]
-    total: int
+    total: int  # users that match the filters (the page may hold fewer)
+
+
+class UsersQuery(Struct, kw_only=True):
+    """GET /api/users filters and paging."""
+
+    status: Literal["active", "disabled", "on_hold", "expired", "limited"] | None = None
+    expiring_before: Timestamp | None = None
+    usage_over: Annotated[float, Meta(ge=0, le=1000)] | None = None  # percent of limit_bytes
+    offset: Annotated[int, Meta(ge=0)] = 0
+    limit: Annotated[int, Meta(ge=1, le=10_000)] = 1000
+
+
+class UsersRemove(Request):
+    """POST /api/users/remove: every user whose status is one of these."""
+
+    status: Annotated[list[Literal["expired", "limited", "disabled", "on_hold"]],
+                      Meta(min_length=1)]
+
+
+class Removed(Struct, kw_only=True):
+    success: bool = True
+    removed: list[str]  # their names
 
 
 class Deleted(Struct, kw_only=True):

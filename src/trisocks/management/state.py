@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from datetime import UTC
 from typing import TYPE_CHECKING
 
 import trio
@@ -42,6 +43,8 @@ class PlaneState:
         self.wake = trio.Event()  # set: the enforcer looks at the users now
         # the wall clock of calendar things (usage hours, resets, expiry); tests replace it
         self.clock = time.time
+        self.tz = UTC  # where calendar resets fall (--reset-timezone)
+        self.dirty: set = set()  # users changed by the plane itself, written by the next flush
         self.usage_days = 90  # hourly usage history kept this many days
         self.metrics_per_owner = 0  # series per token and per user in /metrics: at most this many
         self.refusals: Counter = Counter()  # policy refusals by kind (rule, channels, rate...)

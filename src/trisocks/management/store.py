@@ -131,7 +131,11 @@ CREATE TABLE IF NOT EXISTS users (
     bytes_up INTEGER NOT NULL DEFAULT 0,
     bytes_down INTEGER NOT NULL DEFAULT 0,
     total_connections INTEGER NOT NULL DEFAULT 0,
-    policy TEXT NOT NULL DEFAULT ''
+    policy TEXT NOT NULL DEFAULT '',
+    reset_strategy TEXT NOT NULL DEFAULT 'none',
+    next_reset REAL,
+    last_reset REAL,
+    on_hold_duration INTEGER
 );
 CREATE TABLE IF NOT EXISTS usage (
     owner TEXT NOT NULL,
@@ -157,7 +161,8 @@ CREATE TABLE IF NOT EXISTS events (
 _TOKEN_COLS = ("token", "kind", "origin", "port", "username", "password", "allow_manage_connector",
                "reverse_token", "created_at", "bytes_up", "bytes_down", "total_connections", "policy")
 _USER_COLS = ("id", "key", "name", "limit_bytes", "expires_at", "status", "created_at", "last_seen",
-              "bytes_up", "bytes_down", "total_connections", "policy")
+              "bytes_up", "bytes_down", "total_connections", "policy", "reset_strategy",
+              "next_reset", "last_reset", "on_hold_duration")
 _EVENT_COLS = ("id", "time", "type", "token", "user", "peer", "role", "detail")
 _COUNTER_COLS = ("bytes_up", "bytes_down", "total_connections", "last_seen")
 
@@ -169,13 +174,21 @@ def _upsert(table: str, cols: tuple[str, ...], key: str) -> str:
             f"ON CONFLICT({key}) DO UPDATE SET {updates}")
 
 
+# columns added since schema 1 (0.1.0): a database from then gets them at open
+_ADDED = (("tokens", "policy", "TEXT NOT NULL DEFAULT ''"),
+          ("users", "policy", "TEXT NOT NULL DEFAULT ''"),
+          ("users", "reset_strategy", "TEXT NOT NULL DEFAULT 'none'"),
+          ("users", "next_reset", "REAL"), ("users", "last_reset", "REAL"),
+          ("users", "on_hold_duration", "INTEGER"))
+
+
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a database of an older schema up to this one (the tables exist by now)."""
-    for table in ("tokens", "users"):  # schema 2: the policy column
+    for table, column, kind in _ADDED:
         columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if "policy" not in columns:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN policy TEXT NOT NULL DEFAULT ''")
-            log.info("database: %s table upgraded to schema %d", table, SCHEMA_VERSION)
+        if column not in columns:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            log.info("database: %s.%s added (schema %d)", table, column, SCHEMA_VERSION)
 
 
 class SQLiteStore:

@@ -18,7 +18,8 @@ from ..tunnel.tokens import FORWARD, RESERVED, TokenInfo, generate
 from . import schemas as s
 from .dates import rfc3339
 from .errors import Conflict, Invalid, NotFound
-from .model import DISABLED, REASON_DISABLED, REASON_EXPIRED, UserAccount
+from .lifecycle import next_boundary, status_of
+from .model import DISABLED, ON_HOLD, REASON_DISABLED, REASON_EXPIRED, UserAccount
 from .policies import checked, live, rules_in_force
 from .records import user_record
 from .state import PlaneState
@@ -48,7 +49,9 @@ class UserService:
                       connections=len(user.channels), total_connections=user.total_connections,
                       clients=clients.get(user.id, 0),
                       limit_bytes=user.limit_bytes, expires_at=rfc3339(user.expires_at),
-                      status=user.status, blocked=user.refuse_reason(),
+                      status=status_of(user, self.state.clock()), blocked=user.refuse_reason(),
+                      reset_strategy=user.reset_strategy, next_reset=rfc3339(user.next_reset),
+                      last_reset=rfc3339(user.last_reset), on_hold_duration=user.on_hold_duration,
                       created_at=rfc3339(user.created_at), last_seen=rfc3339(user.last_seen),
                       policy=user.policy, rules_in_force=rules_in_force(user, self._server_rules()),
                       live=live(user))
@@ -62,10 +65,37 @@ class UserService:
                               uptime_seconds=round(time.time() - self.state.started_at, 3),
                               total_users=len(self.state.users), status="running")
 
-    def list(self) -> s.UserList:
+    def list(self, q: s.UsersQuery | None = None) -> s.UserList:
         clients = self.state.user_clients()
-        users = [self.view(u, clients) for u in self.state.users.values()]
-        return s.UserList(users=users, total=len(users))
+        chosen = [u for u in self.state.users.values() if q is None or self._matches(u, q)]
+        if q is not None:
+            page = chosen[q.offset: q.offset + q.limit]
+        else:
+            page = chosen
+        return s.UserList(users=[self.view(u, clients) for u in page], total=len(chosen))
+
+    def _matches(self, user: UserAccount, q: s.UsersQuery) -> bool:
+        if q.status is not None and status_of(user, self.state.clock()) != q.status:
+            return False
+        if q.expiring_before is not None and (
+                user.expires_at is None or user.expires_at >= q.expiring_before.timestamp()):
+            return False
+        # usage_over: a user without a limit has used no share of one
+        return q.usage_over is None or (
+            user.limit_bytes is not None and user.used * 100 >= q.usage_over * user.limit_bytes)
+
+    async def remove(self, req: s.UsersRemove) -> s.Removed:
+        """Delete every user whose status is one of ``req.status`` (expired, depleted...)."""
+        now = self.state.clock()
+        doomed = [u.key for u in list(self.state.users.values()) if status_of(u, now) in req.status]
+        removed = []
+        for key in doomed:
+            try:
+                removed.append(self.state.users[key].name)
+                await self.delete(key)
+            except NotFound:  # gone meanwhile
+                removed.pop()
+        return s.Removed(removed=removed)
 
     def get(self, key: str) -> s.User:
         return self.view(self._user(key))
@@ -82,9 +112,14 @@ class UserService:
                 raise Conflict("key already exists")
             if name in st.users_by_name:
                 raise Conflict("name already exists")
+            if (req.status == ON_HOLD) != (req.on_hold_duration is not None):
+                raise Invalid("status on_hold and on_hold_duration go together")
+            now = st.clock()
             user = UserAccount(id=user_id, key=key, name=name, limit_bytes=req.limit_bytes,
                                expires_at=req.expires_at.timestamp() if req.expires_at else None,
-                               status=req.status)
+                               status=req.status, reset_strategy=req.reset_strategy,
+                               next_reset=next_boundary(req.reset_strategy, now, st.tz),
+                               on_hold_duration=req.on_hold_duration)
             user.on_quota = st.quota_reached
             if req.policy is not s.UNSET:
                 user.policy = checked(spec.merged(None, req.policy))
@@ -127,6 +162,14 @@ class UserService:
                 fields["name"] = changes["name"]
             if "limit_bytes" in changes:
                 fields["limit_bytes"] = changes["limit_bytes"]
+            if "reset_strategy" in changes:
+                fields["reset_strategy"] = changes["reset_strategy"]
+                fields["next_reset"] = next_boundary(changes["reset_strategy"], st.clock(), st.tz)
+            if "on_hold_duration" in changes:
+                fields["on_hold_duration"] = changes["on_hold_duration"]
+            hold = fields.get("on_hold_duration", user.on_hold_duration)
+            if fields.get("status", user.status) == ON_HOLD and hold is None:
+                raise Invalid("status on_hold needs on_hold_duration")
             if "expires_at" in changes:
                 when = changes["expires_at"]
                 fields["expires_at"] = when.timestamp() if when is not None else None
