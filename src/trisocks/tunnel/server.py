@@ -254,7 +254,7 @@ class Server:
 
     def busy(self) -> bool:
         """Channels still open, or bytes still queued for a peer."""
-        return any(session.channels or session.outbox.queued_bytes()
+        return any(session.channels or session.outbox.queued_bytes
                    for session in list(self.sessions))
 
     async def drain(self, grace: float) -> bool:
@@ -373,4 +373,4 @@ async def stop_gracefully(server: Server, signals, signum: int, scope: trio.Canc
     if idle:
         return f"every channel finished within {trio.current_time() - started:.1f} s"
     why = "on a second signal" if cut else f"after the grace period of {grace:g} s"
-    return f"{left} channel{'' if left == 1 else 's'} still open were closed {why}"
+    return f"{left} channel{' still open was' if left == 1 else 's still open were'} closed {why}"
