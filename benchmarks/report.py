@@ -28,10 +28,11 @@ COLUMNS = [
     ("rss_after_bulk_mb", "RSS after bulk MB", "{:.1f}", False),
     ("bytes_per_idle_channel", "B/idle channel", "{:.0f}", False),
     ("cpu_s_per_gib", "CPU s/GiB", "{:.2f}", False),
+    ("cpu_ms_per_kreq", "CPU ms/1k req", "{:.0f}", False),
 ]
 # what the chart shows, as ratios to the reference
 CHART_KEYS = ["down", "up", "down_par", "up_par", "rps", "p99_ms", "rss_after_bulk_mb",
-              "bytes_per_idle_channel", "cpu_s_per_gib"]
+              "bytes_per_idle_channel", "cpu_s_per_gib", "cpu_ms_per_kreq"]
 
 
 def _median(values: list) -> float | None:
@@ -53,7 +54,7 @@ def summarize(system_result: dict) -> dict:
         fig[key] = _median([r.get(key) for r in bulk])
     rss = _median([r.get("rss_after") for r in bulk])
     fig["rss_after_bulk_mb"] = rss / 1e6 if rss is not None else None
-    for key in ("rps", "p50_ms", "p99_ms"):
+    for key in ("rps", "p50_ms", "p99_ms", "cpu_ms_per_kreq"):
         fig[key] = _median([r.get(key) for r in rate])
     fig["bytes_per_idle_channel"] = _median([r.get("bytes_per_channel") for r in idle])
     fig["bulk_errors"] = sum(len(r.get("errors", [])) for r in bulk)
@@ -85,6 +86,10 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.1f}"
 
 
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}"
+
+
 def goals(figs: dict) -> list[dict]:
     """The performance issue's goals, each computed from figures of the same run."""
     f = figs.get(REFERENCE, {})
@@ -114,6 +119,20 @@ def goals(figs: dict) -> list[dict]:
         out.append(_goal(f"reverse {label} within 15% of forward", a,
                          b * 0.85 if b is not None else None, lambda v, lim: v >= lim,
                          f"reverse {_fmt(a)} vs forward {_fmt(b)} = {ratio} (need >= 0.85x)"))
+    # Issue 11, "Cheap": policy on (100 rules, speed limits far above, accounting) costs at
+    # most 5% of CPU per GiB and of req/s; CPU per request is the same claim in CPU time,
+    # which other work on a shared machine moves less than the wall-clock req/s.
+    pol = figs.get("trisocks-policy", {})
+    for key, label, factor, higher in (("cpu_s_per_gib", "CPU s/GiB", 1.05, False),
+                                       ("rps", "req/s", 0.95, True),
+                                       ("cpu_ms_per_kreq", "CPU ms/1k req", 1.05, False)):
+        a, b = pol.get(key), f.get(key)
+        ratio = f"{a / b:.3f}x" if a is not None and b else "n/a"
+        need = f">= {factor}x" if higher else f"<= {factor}x"
+        out.append(_goal(f"policy on {label} within 5% of forward", a,
+                         b * factor if b is not None else None,
+                         (lambda v, lim: v >= lim) if higher else (lambda v, lim: v <= lim),
+                         f"policy {_num(a)} vs forward {_num(b)} = {ratio} (need {need})"))
     return out
 
 
@@ -231,7 +250,7 @@ def chart(json_path: Path, png_path: Path) -> None:
                                     ("down", "up", "down_par", "up_par", "rps")]),
               ("lower is better", [k for k in CHART_KEYS if k in
                                    ("p99_ms", "rss_after_bulk_mb", "bytes_per_idle_channel",
-                                    "cpu_s_per_gib")])]
+                                    "cpu_s_per_gib", "cpu_ms_per_kreq")])]
     cmap = plt.get_cmap("tab10")
     for ax, (label, keys) in zip(axes, panels, strict=True):
         width = 0.8 / max(1, len(names))

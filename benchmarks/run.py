@@ -44,6 +44,7 @@ from pathlib import Path
 # benchmarks/ is sys.path[0] when this file runs as a script: siblings import directly.
 import install
 import measure
+import policy_user
 import procs
 import report
 import systems
@@ -189,14 +190,21 @@ def run_rate(system, ctx, args, tools, say) -> dict:
             measure.py_rate(target, warm_n, args.concurrency)
         for i in range(args.repeat):
             target = _target(running, ctx)
+            cpu_before = procs.cpu_seconds(running.pgids)
             if tools.get("hey"):
                 rep = measure.hey_rate(tools["hey"], target, args.requests, args.concurrency)
             else:
                 rep = measure.py_rate(target, args.requests, args.concurrency)
+            # CPU time of the system's processes per 1000 requests: on a shared machine
+            # the wall-clock req/s moves with other work far more than this does.
+            cpu = procs.cpu_seconds(running.pgids) - cpu_before
+            rep["cpu_s"] = cpu
+            rep["cpu_ms_per_kreq"] = cpu * 1e6 / args.requests if args.requests else None
             group["reps"].append(rep)
             say(f"rep {i + 1}/{args.repeat}: {rep['rps'] or 0:.0f} req/s, "
                 f"p50 {rep['p50_ms'] or 0:.1f} ms, p99 {rep['p99_ms'] or 0:.1f} ms, "
-                f"{rep['errors']} errors ({rep['tool']})")
+                f"{rep['errors']} errors ({rep['tool']}), "
+                f"CPU {rep['cpu_ms_per_kreq'] or 0:.0f} ms/1k req")
     finally:
         running.stop()
     return group
@@ -256,6 +264,11 @@ def run_system(system, ctx, args, payload, tools, progress) -> dict:
         result["info"] = f"cipher {ctx.ss_cipher}"
     if system.name == "socat":
         result["info"] = f"socat -b {systems.Socat.buffer}"
+    if system.name == "trisocks-policy":
+        result["info"] = (f"user with {len(policy_user.bench_rules([1]))} rules (the last allows "
+                          f"the bench target), speed_up = speed_down = {policy_user.SPEED} B/s, "
+                          f"quota {policy_user.QUOTA} bytes, accounting in --db "
+                          "(benchmarks/policy_user.py)")
     if failures:
         result["status"] = "failed" if not any(
             g.get("reps") for g in result["groups"].values()) else "partial"

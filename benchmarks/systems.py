@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import measure
+import policy_user
 from procs import Proc, StartError, check_alive, rss_bytes, spawn, stop, wait_port
 
 HERE = Path(__file__).resolve().parent
@@ -154,6 +155,40 @@ class TrisocksForward(_Trisocks):
         return Plan([
             Step("server", [tb, "server", "-H", "127.0.0.1", "-P", str(ws), "-t", ctx.token], ws),
             Step("client", [tb, "client", "-u", f"ws://127.0.0.1:{ws}", "-t", ctx.token,
+                            "-s", "127.0.0.1", "-p", str(socks)], socks),
+        ], socks)
+
+
+class TrisocksPolicy(_Trisocks):
+    """trisocks-forward with policy on (issue 11, "Cheap"): the client uses the key of a
+    user created through the management API with 100 destination rules (the last one
+    allows the bench target), speed limits of 1 TiB/s up and down and a 1 PiB quota; the
+    server runs with -k and --db, so the user's traffic is accounted and stored.
+    benchmarks/policy_user.py creates the user on a setup instance of the server, stops it
+    and then becomes the server (exec), which restores the user from the database: the
+    measured processes are the same two as trisocks-forward's."""
+
+    name = "trisocks-policy"
+    description = ("trisocks, forward mode, policy on: a user with 100 rules and a speed "
+                   "limit far above the speed, accounting on")
+    needs = ("server", "client")
+    needs_flags: ClassVar[dict[str, tuple[str, ...]]] = {"server": ("--api-key", "--db",
+                                                                    "--allow")}
+
+    def plan(self, ctx: Context, target_port: int) -> Plan:
+        ws, socks, setup = ctx.ports.get(), ctx.ports.get(), ctx.ports.get()
+        tb = str(ctx.trisocks_bin)
+        db = ctx.logdir / f"policy-{ws}.db"  # fresh per start: the user is created anew
+        key, user = policy_user.API_KEY, policy_user.USER_KEY
+        allow = [ctx.nginx_port] + ([target_port] if target_port != ctx.nginx_port else [])
+        wrapper = [str(ctx.project_python), str(HERE / "policy_user.py"),
+                   "--setup-port", str(setup), "--api-key", key, "--user-key", user]
+        for port in allow:
+            wrapper += ["--allow-port", str(port)]
+        return Plan([
+            Step("server", [*wrapper, "--", tb, "server", "-H", "127.0.0.1", "-P", str(ws),
+                            "-k", key, "--db", str(db)], ws),
+            Step("client", [tb, "client", "-u", f"ws://127.0.0.1:{ws}", "-t", user,
                             "-s", "127.0.0.1", "-p", str(socks)], socks),
         ], socks)
 
@@ -327,8 +362,9 @@ class TrioRelay(System):
         return f"trio {text}" if rc == 0 else None
 
 
-ALL_SYSTEMS: list[System] = [TrisocksForward(), TrisocksReverse(), Pywssocks(), Linksocks(),
-                             Shadowsocks(), Microsocks(), Socat(), TrioRelay()]
+ALL_SYSTEMS: list[System] = [TrisocksForward(), TrisocksPolicy(), TrisocksReverse(),
+                             Pywssocks(), Linksocks(), Shadowsocks(), Microsocks(), Socat(),
+                             TrioRelay()]
 BY_NAME = {s.name: s for s in ALL_SYSTEMS}
 
 
