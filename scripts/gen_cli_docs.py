@@ -35,7 +35,7 @@ is generated from the parsers themselves; after changing a flag, regenerate it w
 
 Guides: [forward mode](forward.md), [reverse mode](reverse.md),
 [agent and autonomy modes](agent.md), [UDP](udp.md), [fast open](fast-open.md),
-[upstream proxies and TLS](proxies-and-tls.md), and the [README](../README.md).
+[upstream proxies and TLS](proxies-and-tls.md), [logs](logging.md), and the [README](../README.md).
 
 ## Environment variables
 
@@ -64,8 +64,12 @@ FOOTER = """\
 ## Logging
 
 Everything is logged to standard error, one line per event:
-`DATE TIME LEVEL LOGGER: message`. Tokens are never logged whole (`my-s...(15 chars)`,
-or `***(7 chars)` for tokens shorter than 10 characters), nor proxy passwords (`***`).
+`DATE TIME LEVEL LOGGER: message`, or to a file with `--log-file` (followed when logrotate
+moves it), or as JSON lines with `--log-format json`; `--log-limit` keeps a flood of one
+kind of line from filling the disk, and `trisocks server --access-log` writes one line per
+finished channel. Formats, fields and logrotate: [logs](logging.md). Tokens are never
+logged whole (`my-s...(15 chars)`, or `***(7 chars)` for tokens shorter than 10
+characters; the access log and JSON fields give a `token_id`), nor proxy passwords (`***`).
 
 | level | flag | what it adds |
 | --- | --- | --- |

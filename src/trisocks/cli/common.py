@@ -116,6 +116,7 @@ def add_logging(parser) -> None:
     from .logs import DEFAULT_LIMIT, FORMATS
 
     add_option(parser, "--log-format", env="LOG_FORMAT", default="text", choices=FORMATS,
+               metavar="text|json",
                help="text: 'DATE TIME LEVEL LOGGER: message' lines; json: one JSON object a line "
                "with time (RFC 3339, UTC), level, logger, message and the event's fields")
     add_option(parser, "--log-file", env="LOG_FILE", default="", metavar="FILE",

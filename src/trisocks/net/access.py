@@ -30,6 +30,8 @@ def text_value(value) -> str:
     """A ``key=value`` value: bare when it is one plain word, else quoted as JSON."""
     if value is None or value == "":
         return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"  # the duration: always 3 decimals
     if isinstance(value, str):
         if value.isprintable() and not any(c in value for c in ' "=\\'):
             return value
