@@ -51,8 +51,10 @@ class Delivery:
             self.fail(account.refuse_reason() or "traffic limit reached")
             return False
         sock = self.sock
-        if sock is None or self.pending or (account is not None and self._pacer() is not None):
-            self._hold(data, decoder)  # (under a speed limit the drain writes, paced)
+        pacer = None if account is None else self._pacer()
+        if sock is None or self.pending or (pacer is not None and not pacer.try_take(len(data))):
+            # (over a speed limit: the drain writes it, paid for step by step)
+            self._hold(data, decoder)
             if sock is not None:
                 self._kick_drain()
         else:
@@ -67,6 +69,8 @@ class Delivery:
                 self._consumed(n)
             if n < len(data):
                 self._hold(data[n:], decoder)
+                if pacer is not None:
+                    self._allowance += len(data) - n  # paid for already: the drain need not
                 self._kick_drain()
         return self.held > self.limit or self.session.pending_bytes > self.session.pending_max
 

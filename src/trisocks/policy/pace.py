@@ -60,5 +60,18 @@ class Pacer:
         wait = tat - now - self._ahead
         return wait if wait > 0.0 else 0.0
 
+    def try_take(self, n: int) -> bool:
+        """Reserve ``n`` bytes only if that needs no wait: True when the caller may move them
+        now (the common case under a limit far above the traffic), False to queue them."""
+        now = current_time()
+        tat = self.tat
+        if tat < now:
+            tat = now
+        tat += n / self.rate
+        if tat - now > self._ahead:
+            return False
+        self.tat = tat
+        return True
+
     def __repr__(self) -> str:
         return f"<Pacer {self.rate} B/s burst {self.burst}>"
