@@ -142,18 +142,21 @@ class Delivery:
             with scope:
                 while self.pending and self.state < CLOSED:
                     pacer = None if self.account is None else self._pacer()
-                    if pacer is not None and self._allowance <= 0:
-                        # pay for the next step before writing it (pace.py: fair among channels)
-                        self._allowance = min(self.held, pacer.quantum)
-                        delay = pacer.take(self._allowance)
-                        if delay:
-                            await trio.sleep(delay)
+                    if pacer is not None and self._allowance < self.held:
+                        if pacer.try_take(self.held - self._allowance):
+                            self._allowance = self.held  # room for all of it: write as unpaced
+                        elif self._allowance <= 0:
+                            # pay for the next step before writing it (pace.py: fair among
+                            # channels)
+                            self._allowance = min(self.held, pacer.quantum)
+                            delay = pacer.take(self._allowance)
+                            if delay:
+                                await trio.sleep(delay)
                     try:
                         await wait_writable(sock)
                         pending = self.pending
-                        if pacer is not None:
+                        if pacer is not None and self._allowance < self.held:
                             n = sock.send(memoryview(pending[0])[: self._allowance])
-                            self._allowance -= n
                         elif len(pending) == 1:
                             n = sock.send(pending[0])
                         else:
@@ -164,6 +167,8 @@ class Delivery:
                         if isinstance(exc, OSError):
                             self._write_failed(exc)
                         break
+                    if pacer is not None:
+                        self._allowance = max(0, self._allowance - n)
                     self._release(n)
                     self._consumed(n)
                     if self.held <= self.limit:
