@@ -156,6 +156,7 @@ async def test_the_openapi_document_covers_every_endpoint():
             ("get", "/api/openapi.json"), ("get", "/api/tokens/{token}"),
             ("patch", "/api/tokens/{token}"), ("get", "/api/usage"),
             ("get", "/api/users/{key}/usage"), ("post", "/api/users/remove"),
+            ("post", "/api/reload"),
         }
         assert {(m, p) for p, ops in paths.items() for m in ops} == expected
         schemas = doc["components"]["schemas"]

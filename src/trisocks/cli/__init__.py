@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 import trio
 
@@ -50,12 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"server": server.cmd_server, "client": client.cmd_client, "provider": client.cmd_client,
             "connector": client.cmd_client, "version": tools.cmd_version, "hash-key": tools.cmd_hash_key,
-            "health": tools.cmd_health}
+            "health": tools.cmd_health, "check-config": server.cmd_check_config}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args._argv = list(argv if argv is not None else sys.argv[1:])  # --config: what wins over it
     if args.command is None:
         parser.print_help()
         return 2

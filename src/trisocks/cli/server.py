@@ -3,6 +3,7 @@ plane when -k or --db asks for it)."""
 
 from __future__ import annotations
 
+import sys
 from functools import partial
 
 import trio
@@ -22,6 +23,7 @@ from .common import (
     one_secret,
     open_access_log,
     read_secret_file,
+    setup_logging_for,
     usage_error,
     warn_secret_on_argv,
 )
@@ -127,9 +129,38 @@ def add_parser(sub) -> None:
     add_option(m, "--public-url", env="PUBLIC_URL", default="",
          help="the WebSocket URL clients use to reach this server (ws[s]://host[:port]), for "
          "/api/subscribe; default: what the request came to")
+    add_option(m, "--usage-days", env="USAGE_DAYS", default=90, type=int, metavar="DAYS",
+         help="keep the hourly usage history (GET /api/usage) this many days")
+    add_option(m, "--reset-timezone", env="RESET_TIMEZONE", default="UTC", metavar="ZONE",
+         help="the time zone of users' periodic traffic resets (an IANA name such as "
+         "Europe/Berlin; docs/operations.md)")
+    add_option(s, "--config", env="CONFIG", default="", metavar="FILE",
+         help="read settings, tokens and webhooks from this TOML file (docs/operations.md); the "
+         "command line and the environment win over it; SIGHUP or POST /api/reload re-reads it")
     add_access_log(s)
     add_debug(s)
+    s.set_defaults(_parser=s)
+    c = sub.add_parser(
+        "check-config", formatter_class=Formatter, help="check a configuration file",
+        description="Read a `trisocks server --config` file and report the first mistake with "
+        "its line (exit 2), or what it configures (exit 0).")
+    c.add_argument("file", metavar="FILE", help="the TOML file")
+    c.set_defaults(_parser=s)
 
+
+
+def _plane_settings(args, management) -> None:
+    if args.usage_days < 1:
+        usage_error("--usage-days must be 1 or more")
+    management.state.usage_days = args.usage_days
+    if args.reset_timezone.upper() != "UTC":
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            management.state.tz = ZoneInfo(args.reset_timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            usage_error(f"--reset-timezone: unknown time zone {args.reset_timezone!r} (an IANA "
+                        "name such as Europe/Berlin; the system's tzdata must have it)")
 
 
 def _secrets(args) -> None:
@@ -173,10 +204,63 @@ def _management(args):
                       metrics_per_owner=max(0, args.metrics_per_owner))
 
 
+def cmd_check_config(args) -> int:
+    from .config import ConfigError, load
+
+    try:
+        cfg = load(args.file, args._parser)
+    except ConfigError as exc:
+        print(f"trisocks: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: ok: {len(cfg.server)} server setting(s), {len(cfg.tokens)} token(s), "
+          f"{len(cfg.webhooks)} webhook(s)")
+    return 0
+
+
+def _read_config(args):
+    """--config: the file's settings where the command line and the environment say nothing."""
+    from .config import ConfigError, apply, load
+
+    try:
+        cfg = load(args.config, args._parser)
+    except ConfigError as exc:
+        usage_error(str(exc))
+    taken = apply(cfg, args, args._parser, getattr(args, "_argv", sys.argv[1:]))
+    if taken.keys() & {"debug", "log_format", "log_file", "log_limit"}:
+        setup_logging_for(args)
+    log.info("configuration: %s (%d setting(s), %d token(s), %d webhook(s))", args.config,
+             len(taken), len(cfg.tokens), len(cfg.webhooks))
+    return cfg
+
+
+def _config_tokens(cfg, tokens, management) -> None:
+    """The [[tokens]] of the file, with their policies (which need the management plane)."""
+    from ..policy import spec
+    from ..tunnel.tokens import CONNECTOR, REVERSE, TokenInfo
+
+    for entry in cfg.tokens:
+        if entry.policy is not None and management is None:
+            usage_error(f"{cfg.path}: a token policy needs the management plane (-k or --db)")
+        kind = {"reverse": REVERSE, "connector": CONNECTOR}.get(entry.type, "forward")
+        try:
+            info = tokens.add(TokenInfo(entry.token, kind, port=entry.port,
+                                        username=entry.username, password=entry.password,
+                                        reverse_token=entry.reverse_token,
+                                        allow_manage_connector=entry.allow_manage_connector))
+        except ValueError as exc:
+            usage_error(f"{cfg.path}: token {entry.type}: {exc}")
+        if entry.policy is not None:
+            try:
+                spec.put_in_force(info.account, entry.policy)
+            except ValueError as exc:
+                usage_error(f"{cfg.path}: token policy: {exc}")
+
+
 def cmd_server(args) -> int:
     from ..tunnel.server import Server, ServerConfig, serve_until_signal
     from ..tunnel.tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable, generate, redact
 
+    cfg = _read_config(args) if args.config else None
     credentials_pair(args)
     _secrets(args)
     if args.grace < 0:
@@ -195,7 +279,9 @@ def cmd_server(args) -> int:
     tokens = management.tokens if management is not None else TokenTable()
     given = args.token or []
     kind = "reverse" if args.reverse else "forward"
-    if not given and management is not None and management.api_key is not None:
+    if cfg is not None and cfg.tokens:
+        pass  # the file's [[tokens]] are added below, with the command line's
+    elif not given and management is not None and management.api_key is not None:
         # tokens and users come from the API (and the database)
         if args.connector_token:
             usage_error("-c/--connector-token needs a -t reverse token")
@@ -215,6 +301,8 @@ def cmd_server(args) -> int:
             tokens.add(TokenInfo(token, CONNECTOR, reverse_token=given[0]))
     except ValueError as exc:
         usage_error(f"{exc}")
+    if cfg is not None:
+        _config_tokens(cfg, tokens, management)
     if args.tls_key and not args.tls_cert:
         usage_error("--tls-key needs --tls-cert")
     from ..net.upstream import parse_proxy
@@ -248,14 +336,21 @@ def cmd_server(args) -> int:
     except ValueError as exc:
         usage_error(f"{exc}")
     open_access_log(args, server)
-    log.info("%d %s token(s)%s configured", len(given), kind,
-             f" and {len(args.connector_token)} connector token(s)" if args.connector_token else "")
+    log.info("%d %s token(s)%s%s configured", len(given), kind,
+             f" and {len(args.connector_token)} connector token(s)" if args.connector_token else "",
+             f" and {len(cfg.tokens)} from {cfg.path}" if cfg is not None and cfg.tokens else "")
     for token in given:
         log.debug("token %s", redact(token))
     if management is None:
         trio.run(partial(serve_until_signal, server, grace=args.grace))
         return 0
     management.grace = args.grace
+    _plane_settings(args, management)
+    if cfg is not None:
+        from .reload import Reloader
+
+        management.reloader = Reloader(args.config, args._parser, getattr(args, "_argv", sys.argv[1:]),
+                                       args, management, cfg)
     from ..management import StoreError
 
     try:

@@ -17,7 +17,7 @@ TYPES = (
     "user_created", "user_updated", "user_deleted", "user_reset", "user_rotated",
     "quota_exceeded", "user_expired", "user_activated", "policy_refused",
     "api_auth_failure", "api_rate_limited",
-    "store_error",
+    "store_error", "config_reloaded", "config_rejected",
 )
 
 

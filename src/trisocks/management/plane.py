@@ -21,6 +21,7 @@ from ..tunnel.server import DEFAULT_GRACE, STOP_SIGNALS, stop_gracefully
 from ..wire.names import hostport
 from . import schemas as s
 from .access import Access
+from .errors import Invalid
 from .keys import ApiKey, FailureLimiter
 from .loops import Loops
 from .model import ManagedTokenTable, SocksUsers
@@ -65,6 +66,8 @@ class Management:
         self._config = None  # the server's configuration, as create_server() was given it
         # with handle_signals: seconds open channels get after SIGTERM/SIGINT (the CLI's --grace)
         self.grace = DEFAULT_GRACE
+        # () -> awaitable dict: re-reads --config (cli/reload.py); None without a file
+        self.reloader = None
         self.notifier = Notifier.from_environment() if handle_signals else Notifier()
         self._api_scope = trio.CancelScope()
         self._outcome = ""  # how the stop went, for the last log line
@@ -140,6 +143,21 @@ class Management:
 
     async def user_usage(self, key: str, q: s.UsageQuery) -> s.Usage:
         return await self.usage_api.of_user(key, q)
+
+    async def reload(self) -> s.ReloadResult:
+        """Re-read the configuration file (SIGHUP, POST /api/reload)."""
+        if self.reloader is None:
+            raise Invalid("no configuration file to reload: start the server with --config FILE")
+        self.notifier.status("reloading")
+        try:
+            return s.ReloadResult(**await self.reloader())
+        except Exception as exc:  # a bug in the reload must not stop the server
+            log.exception("reload failed")
+            self.state.events.add("config_rejected", detail=f"internal error: {exc}")
+            return s.ReloadResult(success=False, applied=[], restart_needed=[],
+                                  error=f"internal error: {exc}")
+        finally:
+            self.notifier.status("serving")
 
     def subscription_headers(self, key: str) -> dict[str, str]:
         return self.subscriptions.headers(key)
@@ -275,12 +293,12 @@ class Management:
 
     async def _stop_on_signals(self, signals, scope: trio.CancelScope) -> None:
         async for signum in signals:
-            if signum == signal.SIGHUP:  # at once, as before (it is to become a reload)
-                log.info("SIGHUP: stopping (counters are being saved)")
-                self.notifier.stopping()
-                self._outcome = "on SIGHUP"
-                scope.cancel()
-                return
+            if signum == signal.SIGHUP:  # re-read --config; the tunnels go on
+                if self.reloader is None:
+                    log.warning("SIGHUP: no --config file to reload; ignored")
+                else:
+                    await self.reload()
+                continue
             self.state.listening = False  # /healthz on a kept-alive connection: not serving
             self._api_scope.cancel()
             self._outcome = await stop_gracefully(

@@ -24,6 +24,11 @@ async def subscribe(call: Call):
     return Reply(sub, headers=headers)
 
 
+async def reload(call: Call):
+    result = await call.plane.reload()
+    return Reply(result, status=200 if result.success else 400)
+
+
 async def stats(call: Call):
     return call.plane.stats()
 
@@ -56,6 +61,15 @@ def operations() -> list[Operation]:
             content_types={200: "application/json, text/plain"},
             description="Authenticated by the user's key itself (no API key), from any address: "
             "this is what users fetch. ``trisocks client --subscribe URL`` uses it."),
+        Operation(
+            "POST", "/api/reload", reload, summary="Re-read the configuration file",
+            tag="operations",
+            responses={200: (s.ReloadResult, "what changed live, and what needs a restart"),
+                       400: (s.ReloadResult, "the file was refused: nothing changed (error says "
+                                             "why) / no --config file")},
+            description="As SIGHUP: the --config file is read and checked whole; tokens, rules, "
+            "token policies, webhooks and the log level change without dropping the tunnels the "
+            "change does not concern (docs/operations.md)."),
         Operation(
             "GET", "/api/stats", stats, summary="Live traffic figures", tag="observability",
             responses={200: (s.Stats, "totals, per token and per user")},

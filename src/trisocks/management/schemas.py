@@ -349,3 +349,12 @@ class Usage(Struct, kw_only=True):
     bytes_down: int
     connections: int
     buckets: list[UsageBucket]
+
+
+class ReloadResult(Struct, kw_only=True):
+    """POST /api/reload (and SIGHUP): what the new configuration file changed."""
+
+    success: bool
+    applied: list[str]  # what changed live
+    restart_needed: list[str]  # settings that changed in the file but need a restart
+    error: str | None = None  # why the file was refused (then nothing changed)

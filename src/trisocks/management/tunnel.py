@@ -54,8 +54,7 @@ class Tunnel(Protocol):
 
     def check_socks_port(self, port: int) -> None: ...  # OSError when it cannot be bound
 
-    @property
-    def destination_rules(self) -> Any: ...  # the server's --allow/--deny RuleSet, or None
+    destination_rules: Any  # the server's --allow/--deny RuleSet, or None (settable: a reload)
 
     @property
     def refused_destinations(self) -> int: ...  # connections and datagrams refused by a rule

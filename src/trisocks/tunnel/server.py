@@ -204,8 +204,13 @@ class Server:
 
     @property
     def destination_rules(self):
-        """The server's --allow/--deny rules (a RuleSet), or None."""
+        """The server's --allow/--deny rules (a RuleSet), or None; a change (a reload of the
+        configuration) applies to the next connection."""
         return self.egress.rules
+
+    @destination_rules.setter
+    def destination_rules(self, rules) -> None:
+        self.egress.rules = rules
 
     @property
     def refused_destinations(self) -> int:
