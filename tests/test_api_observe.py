@@ -156,6 +156,8 @@ async def test_the_openapi_document_covers_every_endpoint():
             ("get", "/api/openapi.json"), ("get", "/api/tokens/{token}"),
             ("patch", "/api/tokens/{token}"), ("get", "/api/usage"),
             ("get", "/api/users/{key}/usage"), ("post", "/api/users/remove"),
+            ("get", "/api/webhooks"), ("post", "/api/webhooks"), ("delete", "/api/webhooks/{name}"),
+            ("post", "/api/webhooks/{name}/test"),
             ("post", "/api/reload"),
         }
         assert {(m, p) for p, ops in paths.items() for m in ops} == expected

@@ -1,13 +1,18 @@
 """What happened: authentications, token and user changes, quota hits, providers coming
 and going. Kept in memory (the most recent ``keep``) for ``GET /api/events``, and handed
 to the store by the flusher so that they survive a restart.
+
+``listener`` (webhooks.py) hears every event as it is added: a plain call, no await, so
+that whoever adds an event (the data path included) never waits for a listener.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 
+from ..net import guard
 from .store import EventRecord
 
 # every event type, for the docs and the API's filter
@@ -18,6 +23,9 @@ TYPES = (
     "quota_exceeded", "user_expired", "user_activated", "policy_refused",
     "api_auth_failure", "api_rate_limited",
     "store_error", "config_reloaded", "config_rejected",
+    # status changes (a user_updated that disables or enables a user), 80% of a quota used,
+    # and the server's own start and stop; webhooks.py posts these
+    "user_disabled", "user_enabled", "quota_warning", "server_started", "server_stopping",
 )
 
 
@@ -27,6 +35,7 @@ class EventLog:
         self._unsaved: deque[EventRecord] = deque(maxlen=unsaved_max)
         self._next_id = 1
         self.counts: dict[str, int] = {}
+        self.listener: Callable[[EventRecord], None] | None = None
 
     def restore(self, records: list[EventRecord]) -> None:
         for rec in records:
@@ -41,7 +50,17 @@ class EventLog:
         self._ring.append(rec)
         self._unsaved.append(rec)
         self.counts[type] = self.counts.get(type, 0) + 1
+        if self.listener is not None:
+            try:
+                self.listener(rec)
+            except Exception as exc:  # a listener's bug must not fail whoever added the event
+                guard.report("event listener", exc)
         return rec
+
+    def reserve_id(self) -> int:
+        """An id no event has or will have (a webhook's test delivery uses one)."""
+        self._next_id += 1
+        return self._next_id - 1
 
     def take_unsaved(self) -> list[EventRecord]:
         items = list(self._unsaved)

@@ -4,6 +4,8 @@ counters and events to it, and enforcing expiry and limits on live traffic.
 Enforcement: the data path refuses new channels (``refuse_reason``) and cuts a channel
 whose charge crosses the limit. The enforcer wakes at every expiry and at least twice a
 second to close what a passing expiry or an idle channel of an over-quota user left open.
+It also notes, once per quota period, a user who has used 80% of their limit
+(``quota_warning``; a reset or a higher limit makes it news again).
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from .store import Counters, Snapshot, StoreError, TokenRecord
 log = logging.getLogger("trisocks.management")
 
 ENFORCE_INTERVAL = 0.5
+WARN_PERCENT = 80  # quota_warning when a user has used this share of their limit
 
 
 class Loops:
-    def __init__(self, state: PlaneState, *, flush_interval: float) -> None:
+    def __init__(self, state: PlaneState, *, flush_interval: float, webhooks=None) -> None:
         self.state = state
         self.flush_interval = flush_interval
+        self.webhooks = webhooks  # a WebhookService: restores the stored webhooks
+        self._warned: set[str] = set()  # ids of users past WARN_PERCENT of their limit
         # restored reverse tokens and the port they had; see ports_moved()
         self._moved: list[tuple[TokenInfo, int | None]] = []
         self._pruned_at: int | None = None  # the hour the usage history was last pruned
@@ -97,6 +102,10 @@ class Loops:
                           "authenticate until one of them changes", user.name)
                 continue
             st.tokens.add(TokenInfo(user.key, FORWARD, account=user))
+        # users already past the warning share were warned before the restart
+        self._warned = {u.id for u in st.users.values() if self._past_warning(u)}
+        if self.webhooks is not None:
+            self.webhooks.restore(snap.webhooks)
         if snap.tokens or snap.users:
             log.info("restored %d token(s) and %d user(s) from %s", len(snap.tokens), len(snap.users),
                      st.store.description)
@@ -196,6 +205,22 @@ class Loops:
                     log.warning("cannot prune the usage history: %s", exc)
 
     # -- enforcing ------------------------------------------------------------------------------
+    @staticmethod
+    def _past_warning(user) -> bool:
+        limit = user.limit_bytes
+        return limit is not None and user.used * 100 >= limit * WARN_PERCENT
+
+    def _warn(self, user) -> None:
+        """quota_warning once per quota period: when the user first passes WARN_PERCENT
+        (not if the limit itself is reached at once: quota_exceeded says that)."""
+        if not self._past_warning(user):
+            self._warned.discard(user.id)  # reset, or a higher limit: news again
+        elif user.id not in self._warned:
+            self._warned.add(user.id)
+            if user.used < user.limit_bytes:
+                self.state.events.add("quota_warning", user=user.name, detail=(
+                    f"{WARN_PERCENT}% of the limit used ({user.used} of {user.limit_bytes} bytes)"))
+
     async def _periodic_reset(self, user, now: float) -> None:
         """A calendar boundary of the user's reset strategy passed: zero the counters (in
         the store first), and a user cut off by the limit may connect again."""
@@ -239,6 +264,7 @@ class Loops:
                     else:
                         user.expiry_noted = False
                         wait = min(wait, user.expires_at - now)
+                self._warn(user)
                 reason = user.refuse_reason(now)
                 if reason is not None and user.channels:
                     user.close_channels(reason)

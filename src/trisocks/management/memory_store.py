@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .rows import usage_rows
-from .store import Snapshot, StoreError, TokenRecord, UserRecord
+from .store import Snapshot, StoreError, TokenRecord, UserRecord, WebhookRecord
 
 
 class MemoryStore:
@@ -37,6 +37,12 @@ class MemoryStore:
         self._check()
 
     async def delete_user(self, user_id: str) -> None:
+        self._check()
+
+    async def put_webhook(self, record: WebhookRecord) -> None:
+        self._check()
+
+    async def delete_webhook(self, name: str) -> None:
         self._check()
 
     async def flush(self, counters, events, hour: int | None = None) -> None:

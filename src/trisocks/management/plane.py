@@ -3,6 +3,7 @@
 :class:`Management` wires small services over one :class:`~.state.PlaneState`:
 ``user_api`` (users.py), ``token_api`` (tokens.py, LinkSocks-compatible), ``observer``
 (observe.py: server events, stats, health, metrics), ``subscriptions`` (subscribe.py),
+``webhooks`` (webhooks.py: events posted to URLs),
 ``access`` (access.py: who may call the API) and ``loops`` (loops.py: restore, flush,
 enforce). It talks to the tunnel server only through the :class:`~.tunnel.Tunnel`
 Protocol. ``run()`` restores what the store kept, then runs the tunnel server, the ASGI
@@ -33,6 +34,7 @@ from .subscribe import Subscriptions
 from .tokens import TokenService
 from .usage import UsageService
 from .users import UserService, new_user_key
+from .webhooks import WebhookService
 
 __all__ = ["Management", "new_user_key"]
 
@@ -51,7 +53,8 @@ class Management:
                                    on_removed=lambda info: self.observer.token_removed(info))
         self.state = state = PlaneState(store, tokens)
         state.metrics_per_owner = metrics_per_owner
-        self.loops = Loops(state, flush_interval=flush_interval)
+        self.webhooks = WebhookService(state)
+        self.loops = Loops(state, flush_interval=flush_interval, webhooks=self.webhooks)
         self.observer = Observer(state, self.loops.flush)
         self.access = Access(state.events, api_key=api_key, allow_remote=allow_remote, limiter=limiter)
         self.user_api = UserService(state)
@@ -234,6 +237,7 @@ class Management:
         try:
             await self.loops.restore(snapshot)
             async with trio.open_nursery() as nursery:
+                await nursery.start(self.webhooks.run)
                 if signals is not None:
                     nursery.start_soon(self._stop_on_signals, signals, nursery.cancel_scope)
                     self.notifier.start_watchdog(nursery)
@@ -246,11 +250,15 @@ class Management:
                 if self.api_key is not None and self.api_bind is not None:
                     await self._serve_api(nursery)
                 log.info("management plane on: %s%s", st.store.description, self._api_where())
+                self.webhooks.server_started(f"listening on {hostport(st.server.host, port)}")
                 if signals is not None:
                     self.notifier.ready(f"listening on {hostport(st.server.host, port)}"
                                         f"{self._api_where()}")
                 task_status.started(port)
         finally:
+            with trio.CancelScope(shield=True):  # posted while the flush below saves it
+                self.webhooks.server_stopping(self._outcome or "stopped")
+                await self.webhooks.drain()
             with trio.CancelScope(shield=True), trio.move_on_after(10):
                 await self.loops.flush()
                 await st.store.close()
@@ -299,6 +307,7 @@ class Management:
                 else:
                     await self.reload()
                 continue
+            self.webhooks.server_stopping(f"on {signal.Signals(signum).name}")
             self.state.listening = False  # /healthz on a kept-alive connection: not serving
             self._api_scope.cancel()
             self._outcome = await stop_gracefully(

@@ -7,7 +7,15 @@ import functools
 
 import msgspec
 
-from . import openapi, routes_observe, routes_policy, routes_tokens, routes_usage, routes_users
+from . import (
+    openapi,
+    routes_observe,
+    routes_policy,
+    routes_tokens,
+    routes_usage,
+    routes_users,
+    routes_webhooks,
+)
 from .operations import Operation
 
 
@@ -15,7 +23,8 @@ def operations() -> list[Operation]:
     """Every endpoint; within a tag the OpenAPI document keeps this order."""
     return [*routes_observe.operations(), openapi.operation(document),
             *routes_tokens.operations(), *routes_users.operations(),
-            *routes_policy.operations(), *routes_usage.operations()]
+            *routes_policy.operations(), *routes_usage.operations(),
+            *routes_webhooks.operations()]
 
 
 @functools.cache

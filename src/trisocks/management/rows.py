@@ -79,10 +79,21 @@ class EventRecord(msgspec.Struct, kw_only=True, omit_defaults=False):
     detail: str | None = None
 
 
+class WebhookRecord(msgspec.Struct, kw_only=True):
+    """A webhook added through the API (webhooks.py); those of the config file are not kept."""
+
+    name: str
+    url: str
+    secret: str  # needed to sign: kept as given (the database file is 0600)
+    events: list[str] | None = None  # None: every webhook event
+    created_at: float = 0.0
+
+
 class Snapshot(msgspec.Struct):
     tokens: list[TokenRecord]
     users: list[UserRecord]
     events: list[EventRecord]
+    webhooks: list[WebhookRecord] = msgspec.field(default_factory=list)
 
 
 def _count(value, what: str) -> int:
@@ -139,6 +150,21 @@ def clean_token(rec: TokenRecord) -> TokenRecord:
 def clean_event(rec: EventRecord) -> EventRecord:
     rec.time = stored_time(rec.time, f"event {rec.id}", invalid=MIN_TIME) or MIN_TIME
     return rec
+
+
+def webhook_from_row(name, url, secret, events, created_at) -> WebhookRecord | None:
+    """A stored webhook, or None (logged) for a row no version of trisocks would write."""
+    if not all(isinstance(v, str) for v in (name, url, secret)):
+        log.warning("webhook row %r: not text; skipped", name)
+        return None
+    chosen = None
+    if events is not None:
+        try:
+            chosen = msgspec.json.decode(events, type=list[str])
+        except (msgspec.DecodeError, TypeError):
+            log.warning("webhook %r: stored events %r unreadable; taken as every event", name, events)
+    when = stored_time(created_at, f"webhook {name!r} created_at", invalid=MIN_TIME) or MIN_TIME
+    return WebhookRecord(name=name, url=url, secret=secret, events=chosen, created_at=when)
 
 
 def usage_rows(counters: list[Counters], hour: int) -> list[tuple]:

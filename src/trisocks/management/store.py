@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+import msgspec
 import trio
 
 from .rows import (
@@ -43,16 +44,20 @@ from .rows import (
     StoreInUse,
     TokenRecord,
     UserRecord,
+    WebhookRecord,
     clean_event,
     clean_token,
     clean_user,
     usage_rows,
+    webhook_from_row,
 )
 
 log = logging.getLogger("trisocks.management.store")
 
 # 1: 0.1.0. 2: a policy (JSON, trisocks.policy.spec) per token and user.
-SCHEMA_VERSION = 3  # 3: usage history (hourly buckets per owner)
+# 3: usage history (hourly buckets per owner). The webhooks table came later: a table of its
+# own, created when missing, so an older trisocks opening the file just ignores it.
+SCHEMA_VERSION = 3
 EVENTS_KEPT = 100_000  # rows of the events table; older ones are pruned as new ones come
 
 
@@ -77,6 +82,11 @@ class Store(Protocol):
         """Zero a user's byte counters."""
 
     async def delete_user(self, user_id: str) -> None: ...
+
+    async def put_webhook(self, record: WebhookRecord) -> None:
+        """Create a webhook, or replace the one of that name."""
+
+    async def delete_webhook(self, name: str) -> None: ...
 
     async def flush(self, counters: list[Counters], events: list[EventRecord],
                     hour: int | None = None) -> None:
@@ -146,6 +156,13 @@ CREATE TABLE IF NOT EXISTS usage (
     connections INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (owner, ident, hour)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS webhooks (
+    name TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    events TEXT,
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
@@ -163,6 +180,7 @@ _TOKEN_COLS = ("token", "kind", "origin", "port", "username", "password", "allow
 _USER_COLS = ("id", "key", "name", "limit_bytes", "expires_at", "status", "created_at", "last_seen",
               "bytes_up", "bytes_down", "total_connections", "policy", "reset_strategy",
               "next_reset", "last_reset", "on_hold_duration")
+_WEBHOOK_COLS = ("name", "url", "secret", "events", "created_at")
 _EVENT_COLS = ("id", "time", "type", "token", "user", "peer", "role", "detail")
 _COUNTER_COLS = ("bytes_up", "bytes_down", "total_connections", "last_seen")
 
@@ -316,13 +334,15 @@ class SQLiteStore:
             events = [clean_event(EventRecord(**dict(zip(_EVENT_COLS, row, strict=False))))
                       for row in conn.execute(f"SELECT {','.join(_EVENT_COLS)} FROM events "
                                               "ORDER BY id DESC LIMIT ?", (self.events_loaded,))]
+            hooks = [webhook_from_row(*row) for row in conn.execute(
+                f"SELECT {','.join(_WEBHOOK_COLS)} FROM webhooks ORDER BY rowid")]
         except BaseException:
             conn.close()
             raise
         events.reverse()
         self._conn = conn
         self._identity = self._stat_identity()
-        return Snapshot(tokens, users, events)
+        return Snapshot(tokens, users, events, [h for h in hooks if h is not None])
 
     async def put_token(self, record: TokenRecord) -> None:
         row = tuple(getattr(record, c) for c in _TOKEN_COLS)
@@ -343,6 +363,15 @@ class SQLiteStore:
         await self._run(self._tx, [("DELETE FROM users WHERE id = ?", [(user_id,)]),
                                    ("DELETE FROM usage WHERE owner = 'user' AND ident = ?",
                                     [(user_id,)])])
+
+    async def put_webhook(self, record: WebhookRecord) -> None:
+        events = None if record.events is None else msgspec.json.encode(record.events).decode()
+        row = (record.name, record.url, record.secret, events, record.created_at)
+        await self._run(self._tx, [(f"INSERT OR REPLACE INTO webhooks ({','.join(_WEBHOOK_COLS)}) "
+                                    "VALUES (?, ?, ?, ?, ?)", [row])])
+
+    async def delete_webhook(self, name: str) -> None:
+        await self._run(self._tx, [("DELETE FROM webhooks WHERE name = ?", [(name,)])])
 
     async def flush(self, counters: list[Counters], events: list[EventRecord],
                     hour: int | None = None) -> None:
@@ -421,4 +450,4 @@ class SQLiteStore:
 
 
 __all__ = ["Counters", "EventRecord", "SQLiteStore", "Snapshot", "Store", "StoreError", "StoreInUse",
-           "TokenRecord", "UserRecord", "default_path"]
+           "TokenRecord", "UserRecord", "WebhookRecord", "default_path"]
