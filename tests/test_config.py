@@ -11,7 +11,7 @@ import time
 from .api_support import KEY, http, start_api_server
 from .support.curl import curl
 from .support.payload import payload_sha256
-from .support.peers import HOST, start_trisocks_client
+from .support.peers import start_trisocks_client
 from .support.tools import clean_env, trisocks_cmd
 from .test_policy import events, new_user, reply_code
 
@@ -188,4 +188,31 @@ def test_reload_without_a_file_says_so(procs, tmp_path):
     assert server.proc.alive()
 
 
-_ = HOST
+
+
+def test_the_example_in_docs_operations_loads(procs, tmp_path):
+    """docs/operations.md's complete example is a valid file, and a server runs with it."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    block = re.search(r"<!-- operations-example -->\n```toml\n(.*?)```", doc, re.S).group(1)
+    example = tmp_path / "trisocks.toml"
+    # run it here: files and ports moved to this test's places
+    (tmp_path / "api-key").write_text(KEY + "\n")
+    (tmp_path / "office-token").write_text("office-token-00001\n")
+    runnable = (block.replace("/etc/trisocks/", f"{tmp_path}/")
+                .replace("/var/lib/trisocks/", f"{tmp_path}/")
+                .replace("ws_port = 8765", "ws_port = 0").replace("port = 9870", "port = 0"))
+    example.write_text(runnable)
+    r = check_config(example)  # (it reads the token files too, as the server would)
+    assert r.returncode == 0 and "3 token(s), 1 webhook(s)" in r.stdout, r.stderr
+    server = start_api_server(procs, db=tmp_path / "example.db", local_targets=False,
+                              extra=["--config", str(example)])
+    status = http("GET", f"{server.http_url}/api/status").json()
+    assert {t["token"] for t in status["tokens"]} >= {"office-token-00001",
+                                                      "partner-reverse-token-0001"}
+    detail = http("GET", f"{server.http_url}/api/tokens/partner-connector-0001").json()
+    assert detail["policy"] == {"max_clients": 4, "speed_down": 20971520}
+    hooks = http("GET", f"{server.http_url}/api/webhooks").json()
+    assert "billing" in str(hooks)

@@ -354,8 +354,16 @@ def cmd_server(args) -> int:
     from ..management import StoreError
 
     try:
-        trio.run(management.run)
+        trio.run(_run_plane, management, cfg.webhooks if cfg is not None else [])
     except StoreError as exc:
         log.error("database: %s", exc)
         return 1
     return 0
+
+
+async def _run_plane(management, webhooks: list) -> None:
+    """The plane, and once it runs, the webhooks of the configuration file."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(management.run)
+        if webhooks:
+            await management.webhooks.replace_from_config(webhooks)
