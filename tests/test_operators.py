@@ -227,3 +227,33 @@ def test_make_run_keeps_its_secrets_out_of_ps(procs, tmp_path):
     assert re.search(r"trisocks client -u \S+ --token-file \S+token -p \d+", demo.stdout())
     for log in ("server.log", "client.log"):
         assert ARGV_WARNING not in (state / log).read_text()
+
+
+def test_socks5_password_and_connector_tokens_from_files(procs, tmp_path, payload_server):
+    """Every secret the commands take has a file form: the reverse port's SOCKS5 password,
+    connector tokens, and a client's own SOCKS5 password; on argv they get the warning."""
+    import socket
+
+    password = secret_file(tmp_path / "socks-password", "port-password-01\n")
+    connectors = secret_file(tmp_path / "connectors", "file-connector-001\n")
+    server = start_trisocks_server(procs, tokens=None, extra=[
+        "-r", "-t", "rev-token-file-001", "-p", "0", "-n", "porter",
+        "--socks-password-file", str(password), "--connector-token-file", str(connectors)])
+    out = server.output()
+    assert "socks-password-file or TRISOCKS_SOCKS_PASSWORD" not in out
+    assert "connector-token-file" not in out and "1 connector token(s)" in out, out
+    # the connector token from the file works; the client's own password from a file too
+    mine = secret_file(tmp_path / "client-password", "local-password-1\n")
+    client = procs.start([*trisocks_client_argv(server.url, "file-connector-001", 0), "-n", "me",
+                          "--socks-password-file", str(mine)], name="connector-client")
+    port = int(client.wait_for_log(LISTENING, 20).group(1))
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"\x05\x01\x02")
+    assert s.recv(2) == b"\x05\x02"
+    s.sendall(b"\x01\x02me\x10local-password-1")
+    assert s.recv(2) == b"\x01\x00"  # the password from the file
+    s.close()
+    argv = procs.start([*trisocks_client_argv(server.url, "file-connector-001", 0), "-n", "me",
+                        "-w", "on-the-command-line"], name="argv-client")
+    argv.wait_for_log(LISTENING, 20)
+    assert "use --socks-password-file or TRISOCKS_SOCKS_PASSWORD" in argv.output()

@@ -78,8 +78,10 @@ def add_parsers(sub) -> None:
                  help="SOCKS5 listen port (0: any free port)")
             add_option(c, "-n", "--socks-username", env="SOCKS_USERNAME", default="",
                  help="require this SOCKS5 username (with -w)")
-            add_option(c, "-w", "--socks-password", env="SOCKS_PASSWORD", default="",
+            add_option(c, "-w", "--socks-password", env="SOCKS_PASSWORD", default="", track=True,
                  help="require this SOCKS5 password (with -n)")
+            add_option(c, "--socks-password-file", env="SOCKS_PASSWORD_FILE", default="",
+                 track=True, metavar="FILE", help="read the SOCKS5 password (-w) from FILE")
             add_flag(c, "-i", "--socks-no-wait", "--socks-nowait", env="SOCKS_NO_WAIT",
                       help="open the SOCKS5 port at once instead of after connecting to the server")
             add_flag(c, "-f", "--fast-open", env="FAST_OPEN",
@@ -100,6 +102,19 @@ def add_parsers(sub) -> None:
                   help="wss://: do not check the server's certificate (a warning is logged)")
         add_debug(c)
 
+
+
+def _socks_password(args) -> None:
+    """-w from --socks-password-file (or its variable), and a warning when it is on argv."""
+    if not hasattr(args, "socks_password_file"):
+        return  # a provider has no SOCKS5 port
+    password = one_secret(args, "socks_password", "socks_password_file", "-w/--socks-password",
+                          "--socks-password-file", "SOCKS_PASSWORD")
+    if password is not None:
+        args.socks_password = password
+    else:
+        warn_secret_on_argv(args, "socks_password", "--socks-password-file",
+                            "TRISOCKS_SOCKS_PASSWORD")
 
 
 def _token(args) -> str:
@@ -129,8 +144,9 @@ def _refused_backoff() -> tuple[float, float]:
 def cmd_client(args) -> int:
     from ..tunnel.client import Client, ClientConfig
 
-    credentials_pair(args)
     args.token = _token(args)
+    _socks_password(args)
+    credentials_pair(args)
     if args.threads < 1:
         usage_error("-T/--threads must be at least 1")
     reverse = args.command == "provider" or getattr(args, "reverse", False)

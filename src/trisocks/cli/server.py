@@ -57,11 +57,15 @@ def add_parser(sub) -> None:
          "get free ports, reported at start")
     add_option(s, "-n", "--socks-username", env="SOCKS_USERNAME", default="",
          help="reverse mode: SOCKS5 username clients must give (with -w)")
-    add_option(s, "-w", "--socks-password", env="SOCKS_PASSWORD", default="",
+    add_option(s, "-w", "--socks-password", env="SOCKS_PASSWORD", default="", track=True,
          help="reverse mode: SOCKS5 password clients must give (with -n)")
+    add_option(s, "--socks-password-file", env="SOCKS_PASSWORD_FILE", default="", track=True,
+         metavar="FILE", help="reverse mode: read the SOCKS5 password (-w) from FILE")
     add_flag(s, "-i", "--socks-nowait", "--socks-no-wait", env="SOCKS_NO_WAIT", old_env="SOCKS_NOWAIT",
               help="reverse mode: open the SOCKS5 port at once, not when the first provider connects")
-    add_list(s, "-c", "--connector-token", env="CONNECTOR_TOKEN", metavar="TOKEN",
+    add_option(s, "--connector-token-file", env="CONNECTOR_TOKEN_FILE", default="", metavar="FILE",
+         help="reverse mode: read connector tokens (-c) from FILE, one a line")
+    add_list(s, "-c", "--connector-token", env="CONNECTOR_TOKEN", metavar="TOKEN", track=True,
               help="reverse mode: a connector token for the (first) reverse token; connector "
               "clients using it reach its providers. Repeat for several")
     add_flag(s, "-a", "--connector-autonomy", env="CONNECTOR_AUTONOMY",
@@ -175,6 +179,18 @@ def _secrets(args) -> None:
         args.api_key = key
     else:
         warn_secret_on_argv(args, "api_key", "--api-key-file", "TRISOCKS_API_KEY")
+    password = one_secret(args, "socks_password", "socks_password_file", "-w/--socks-password",
+                          "--socks-password-file", "SOCKS_PASSWORD")
+    if password is not None:
+        args.socks_password = password
+    else:
+        warn_secret_on_argv(args, "socks_password", "--socks-password-file",
+                            "TRISOCKS_SOCKS_PASSWORD")
+    if args.connector_token_file:
+        more = read_secret_file("--connector-token-file", args.connector_token_file)
+        args.connector_token = list(dict.fromkeys([*(args.connector_token or []), *more]))
+    warn_secret_on_argv(args, "connector_token", "--connector-token-file",
+                        "TRISOCKS_CONNECTOR_TOKEN")
 
 
 def _management(args):
@@ -261,8 +277,8 @@ def cmd_server(args) -> int:
     from ..tunnel.tokens import CONNECTOR, REVERSE, TokenInfo, TokenTable, generate, redact
 
     cfg = _read_config(args) if args.config else None
-    credentials_pair(args)
     _secrets(args)
+    credentials_pair(args)
     if args.grace < 0:
         usage_error("--grace must be 0 or more seconds")
     if not args.reverse and (args.connector_token or args.connector_autonomy):
