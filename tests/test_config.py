@@ -161,7 +161,7 @@ def test_reload_under_traffic_changes_only_what_it_concerns(procs, tmp_path, pay
     assert len(reloaded) == 1 and "rules" in reloaded[0]["detail"]
 
     # a broken file changes nothing, and says why (log, event, API)
-    conf.write_text('[server]\nrules = ["deny 127.0.0.1:%d"]\nws_port = "oops"\n' % other)
+    conf.write_text(f'[server]\nrules = ["deny 127.0.0.1:{other}"]\nws_port = "oops"\n')
     server.proc.popen.send_signal(signal.SIGHUP)
     r = http("POST", f"{base}/api/reload")
     assert r.status_code == 400 and "ws_port" in r.json()["error"] and "line 3" in r.json()["error"]
