@@ -19,7 +19,7 @@ from .rules import RuleError, RuleSet
 
 Speed = Annotated[int, Meta(ge=1024, le=1 << 40, description="bytes per second (at least 1024)")]
 Count = Annotated[int, Meta(ge=0, le=1 << 30)]
-MAX_RULES = 10_000
+MAX_RULES = 1000  # a list of 1000 compiles in about 0.2 s at worst (nested ranges with ports)
 
 
 class Policy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
