@@ -9,10 +9,12 @@ import hmac
 import inspect
 import json
 import ssl
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import h11
 import pytest
@@ -24,7 +26,7 @@ from trisocks.management.store import WebhookRecord
 from trisocks.management.webhooks import Webhook
 from trisocks.net import guard
 
-from .api_support import running_api, wait_until
+from .api_support import http, running_api, start_api_server, wait_until
 from .inproc import echo_handler, echo_roundtrip, serve_tcp
 
 SECRET = "receiver-secret-0123456789"
@@ -446,6 +448,54 @@ async def test_a_broken_listener_never_fails_whoever_adds_an_event():
         assert api.plane.events.add("user_reset", user="x").type == "user_reset"
         assert guard.Stats.internal_errors == before + 1  # logged and counted
         guard.Stats.internal_errors = before
+
+
+class ThreadedReceiver:
+    """A receiver in a thread of its own, for tests that drive server processes."""
+
+    def __init__(self) -> None:
+        got = self.requests = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                got.append(Received({k.lower(): v for k, v in self.headers.items()}, body,
+                                    self.path, 204))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def types(self) -> list[str]:
+        return [r.event["type"] for r in self.requests]
+
+
+def test_a_server_process_posts_its_start_and_its_stop(procs, tmp_path):
+    receiver = ThreadedReceiver()
+    try:
+        db = tmp_path / "proc.db"
+        server = start_api_server(procs, db=db)
+        r = http("POST", f"{server.http_url}/api/webhooks", json={
+            "url": receiver.url, "secret": SECRET, "events": ["server_started", "server_stopping"]})
+        assert r.status_code == 201, r.text
+        server.proc.terminate()  # SIGTERM: the stop begins, and is posted before the exit
+        assert receiver.types() == ["server_stopping"]
+        assert receiver.requests[0].event["detail"] == "on SIGTERM"
+        again = start_api_server(procs, db=db, name="api-server-again")  # the webhook was kept
+        deadline = time.monotonic() + 10
+        while len(receiver.requests) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert receiver.types() == ["server_stopping", "server_started"]
+        assert receiver.requests[1].event["detail"].startswith("listening on 127.0.0.1:")
+        assert all(q.signed_with(SECRET) for q in receiver.requests)
+        again.proc.terminate()
+    finally:
+        receiver.server.shutdown()
 
 
 async def test_the_store_keeps_webhooks(tmp_path):
