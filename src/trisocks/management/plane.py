@@ -22,7 +22,6 @@ from ..tunnel.server import DEFAULT_GRACE, STOP_SIGNALS, stop_gracefully
 from ..wire.names import hostport
 from . import schemas as s
 from .access import Access
-from .errors import Invalid
 from .keys import ApiKey, FailureLimiter
 from .loops import Loops
 from .model import ManagedTokenTable, SocksUsers
@@ -150,7 +149,8 @@ class Management:
     async def reload(self) -> s.ReloadResult:
         """Re-read the configuration file (SIGHUP, POST /api/reload)."""
         if self.reloader is None:
-            raise Invalid("no configuration file to reload: start the server with --config FILE")
+            return s.ReloadResult(success=False, applied=[], restart_needed=[], error=(
+                "no configuration file to reload: start the server with --config FILE"))
         self.notifier.status("reloading")
         try:
             return s.ReloadResult(**await self.reloader())
