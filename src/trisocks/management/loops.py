@@ -15,6 +15,7 @@ import time
 
 import trio
 
+from ..policy.spec import Policy
 from ..tunnel.tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, redact
 from .lifecycle import next_boundary
 from .model import REASON_EXPIRED, Meter, TokenMeter
@@ -57,7 +58,8 @@ class Loops:
                     m.total_connections = rec.total_connections
                     m.created_at = rec.created_at
                     m.flushed = (rec.bytes_up, rec.bytes_down, rec.total_connections, None)
-                    restore_policy(m, rec.policy, f"token {redact(rec.token)}")
+                    if m.policy == Policy():  # a policy from the configuration file wins
+                        restore_policy(m, rec.policy, f"token {redact(rec.token)}")
                 continue
             if rec.origin != "api":
                 continue  # a command-line token no longer given: its row waits for its return
