@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {"server": server.cmd_server, "client": client.cmd_client, "provider": client.cmd_client,
             "connector": client.cmd_client, "version": tools.cmd_version, "hash-key": tools.cmd_hash_key,
-            "health": tools.cmd_health, "check-config": server.cmd_check_config}
+            "health": tools.cmd_health, "check-config": server.cmd_check_config, "backup": tools.cmd_backup}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,12 @@
-"""The small commands: ``trisocks hash-key``, ``trisocks version`` and ``trisocks health``."""
+"""The small commands: ``trisocks hash-key``, ``trisocks version``, ``trisocks health`` and
+``trisocks backup``."""
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+import time
 
 from .. import IMPLEMENTATION, __version__
 from .common import Formatter, add_flag, add_option, usage_error
@@ -47,6 +51,24 @@ def add_parsers(sub) -> None:
              "certificate names its public host)")
 
 
+    b = sub.add_parser(
+        "backup", formatter_class=Formatter,
+        help="copy the server's database, safely while the server runs",
+        description="Write a consistent copy of the server's SQLite database (tokens, users, "
+        "counters, events, usage, webhooks) to OUT, with SQLite's online backup: the server "
+        "may go on running and writing. The copy is a database file of its own, mode 0600 "
+        "(it holds every token and user key). One line says what was copied.\n\n"
+        "OUT: a file name, or a directory (the copy is then DIR/trisocks-YYYYmmdd-HHMMSS.db,\n"
+        "  in UTC). An existing file is left alone unless --force is given.\n"
+        "Exit status: 0 copied, 1 the copy failed (nothing is left at OUT), 2 a usage error\n"
+        "  (no database at --db, OUT exists). Restore: docs/deploy.md.")
+    b.add_argument("out", metavar="OUT", help="where the copy goes: a file, or a directory")
+    add_option(b, "--db", env="DB", default="",
+               help="the server's database; without it, the server's default: "
+               "$XDG_STATE_HOME/trisocks/trisocks.db, else ~/.local/state/trisocks/trisocks.db")
+    b.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
 def version_line() -> str:
     return f"trisocks {__version__} ({IMPLEMENTATION} hot path)"
 
@@ -73,6 +95,119 @@ def cmd_health(args) -> int:
         healthy, line = _check_port(_ANY.get(args.ws_host, args.ws_host), args.ws_port, args.timeout)
     print(f"{'healthy' if healthy else 'unhealthy'}: {line}", flush=True)
     return 0 if healthy else 1
+
+
+def cmd_backup(args) -> int:
+    from ..management.store import default_path
+
+    source = os.path.abspath(args.db or default_path())
+    if not os.path.isfile(source):
+        usage_error(f"no database at {source}; give the server's with --db FILE (or TRISOCKS_DB)")
+    out = args.out
+    if os.path.isdir(out):
+        out = os.path.join(out, time.strftime("trisocks-%Y%m%d-%H%M%S.db", time.gmtime()))
+    out = os.path.abspath(out)
+    if not os.path.isdir(os.path.dirname(out)):
+        usage_error(f"{out}: the directory {os.path.dirname(out)} does not exist")
+    if os.path.lexists(out):
+        if os.path.exists(out) and os.path.samefile(out, source):
+            usage_error(f"{out} is the database itself; give another name")
+        if not args.force:
+            usage_error(f"{out} exists; give another name, or --force to replace it")
+    try:
+        summary = _backup(source, out, args.force)
+    except (OSError, BackupError) as exc:
+        reason = exc if isinstance(exc, BackupError) else (exc.strerror or exc)
+        print(f"trisocks: error: backup of {source} failed: {reason}", file=sys.stderr)
+        return 1
+    print(f"backed up {source} to {out}: {summary}", flush=True)
+    return 0
+
+
+class BackupError(Exception):
+    pass
+
+
+def _backup(source: str, out: str, force: bool) -> str:
+    """Copy ``source`` into a new file next to ``out`` with SQLite's backup API, check the
+    copy, then give it its name; on any failure nothing is left behind."""
+    import sqlite3
+
+    tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{os.getpid()}.tmp")
+    # 0600 from the start: SQLite's own side files (journal) take the same mode
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+    try:
+        try:
+            # read-write (never created): as the last connection to close, it folds the WAL
+            # back and removes the -wal and -shm files it made, which a read-only one leaves
+            # behind, owned by whoever ran the backup
+            src = sqlite3.connect(f"file:{_uri_path(source)}?mode=rw", uri=True, timeout=30.0)
+            try:
+                dst = sqlite3.connect(tmp, isolation_level=None)
+                try:
+                    src.backup(dst)  # all pages in one step: one consistent snapshot
+                    dst.execute("PRAGMA journal_mode=DELETE")  # one file, readable anywhere
+                    summary = _describe(dst)
+                finally:
+                    dst.close()
+            finally:
+                src.close()
+        except sqlite3.Error as exc:
+            raise BackupError(str(exc)) from None
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if force:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)  # fails if OUT appeared meanwhile: never replaced silently
+            except FileExistsError:
+                raise BackupError(f"{out} appeared while copying; nothing replaced") from None
+            os.unlink(tmp)
+        _fsync_dir(os.path.dirname(out))
+    finally:
+        for leftover in (tmp, tmp + "-journal", tmp + "-wal", tmp + "-shm"):
+            try:
+                os.unlink(leftover)
+            except FileNotFoundError:
+                pass
+    return summary
+
+
+def _describe(conn) -> str:
+    """What the copy holds, after SQLite's own check of it."""
+    check = conn.execute("PRAGMA quick_check").fetchone()[0]
+    if check != "ok":
+        raise BackupError(f"the copy failed its check: {check}")
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not {"tokens", "users", "events"} <= tables:
+        raise BackupError("not a trisocks database (no tokens, users and events tables)")
+    counts = {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+              for t in ("users", "tokens", "events")}
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute(
+        "PRAGMA page_size").fetchone()[0]
+    return (f"schema {version}, {counts['users']} user(s), {counts['tokens']} token(s), "
+            f"{counts['events']} event(s), {pages // 1024} KiB")
+
+
+def _uri_path(path: str) -> str:
+    from urllib.parse import quote
+
+    return quote(path, safe="/")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _check_port(host: str, port: int, timeout: float) -> tuple[bool, str]:
