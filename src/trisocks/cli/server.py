@@ -379,7 +379,14 @@ def cmd_server(args) -> int:
 
 async def _run_plane(management, webhooks: list) -> None:
     """The plane, and once it runs, the webhooks of the configuration file."""
-    async with trio.open_nursery() as nursery:
-        await nursery.start(management.run)
-        if webhooks:
+    if not webhooks:
+        await management.run()
+        return
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(management.run)
             await management.webhooks.replace_from_config(webhooks)
+    except BaseExceptionGroup as group:  # the plane's own exit (SystemExit(2)...) as it came
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

@@ -40,6 +40,11 @@ from ..wire.names import hostport
 
 log = logging.getLogger("trisocks.management.http")
 
+# closing a connection the server ends (a refused body, an idle keep-alive): what a client
+# may still send is read and dropped for this long, at most this many reads of 64 KiB
+LINGER = 1.0
+LINGER_READS = 64
+
 
 def hypercorn_config() -> Config:
     config = Config()
@@ -103,6 +108,18 @@ class _Stream:
             raise trio.BrokenResourceError(str(exc)) from exc
 
     async def aclose(self) -> None:
+        """Close, lingering first: a client still sending (a body refused with 413) would get
+        a reset for its unread bytes, and a reset can destroy our answer in its receive
+        buffer before it reads it. So read and drop what it sends, a little while."""
+        with trio.move_on_after(LINGER):
+            try:
+                if isinstance(self, _PlainStream):
+                    self._transport.sock.shutdown(socket.SHUT_WR)
+                for _ in range(LINGER_READS):
+                    if not await self._transport.recv(65536):
+                        break
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
         await self._transport.aclose()
 
 
