@@ -44,7 +44,8 @@ def backup(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def rows(path, sql: str) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    # read-write (never created): a read-only connection to a WAL file leaves -wal and -shm
+    conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=5)
     try:
         return list(conn.execute(sql))
     finally:
@@ -206,11 +207,11 @@ def test_backup_mistakes_are_named(tmp_path):
 
 def test_a_database_of_0_1_0_is_migrated_at_start(procs, tmp_path, payload_server):
     manifest = json.loads(OLD_DB.with_suffix(".json").read_text())
-    assert manifest["schema"] == 1 and rows(OLD_DB, "PRAGMA user_version") == [(1,)]
     db = tmp_path / "state" / "trisocks.db"
     db.parent.mkdir(mode=0o700)
     shutil.copy(OLD_DB, db)
     os.chmod(db, 0o600)
+    assert manifest["schema"] == 1 and rows(db, "PRAGMA user_version") == [(1,)]
     cli_tokens = [t["token"] for t in manifest["tokens"] if t["origin"] == "cli"]
     server = start_api_server(procs, db=db, tokens=cli_tokens)
     assert "database: tokens.policy added" in server.output()
