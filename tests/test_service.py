@@ -299,6 +299,19 @@ def test_health_exit_status(procs, tmp_path):
     assert _health("-P", str(port))[0] == 1
 
 
+def test_health_over_https_leaves_no_error_in_the_log(procs, tmp_path):
+    """The API over the server's own TLS, closed by the server after each answer: no
+    'Error in ASGI Framework' (closing once read from a TLS stream another task was reading)."""
+    trustme = pytest.importorskip("trustme")
+    cert = tmp_path / "cert.pem"
+    trustme.CA().issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    server = start_api_server(procs, db=tmp_path / "tls.db", extra=["--tls-cert", str(cert)])
+    for _ in range(10):
+        status, lines = _health("--insecure", "--url", f"https://{HOST}:{server.port}/healthz")
+        assert status == 0, lines
+    assert "Error in ASGI" not in server.output() and "Traceback" not in server.output()
+
+
 # -- the systemd unit ----------------------------------------------------------------------------
 
 UNIT = ROOT / "contrib" / "trisocks.service"

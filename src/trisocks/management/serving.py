@@ -111,15 +111,16 @@ class _Stream:
         """Close, lingering first: a client still sending (a body refused with 413) would get
         a reset for its unread bytes, and a reset can destroy our answer in its receive
         buffer before it reads it. So read and drop what it sends, a little while."""
-        with trio.move_on_after(LINGER):
-            try:
-                if isinstance(self, _PlainStream):
+        if isinstance(self, _PlainStream):  # (a TLS stream has one reader at a time: no)
+            with trio.move_on_after(LINGER):
+                try:
                     self._transport.sock.shutdown(socket.SHUT_WR)
-                for _ in range(LINGER_READS):
-                    if not await self._transport.recv(65536):
-                        break
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+                    for _ in range(LINGER_READS):
+                        if not await self._transport.recv(65536):
+                            break
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                        trio.BusyResourceError):  # busy: hypercorn's reader drains it anyway
+                    pass
         await self._transport.aclose()
 
 
