@@ -1,5 +1,5 @@
-"""Command line: ``trisocks server|client|provider|connector|hash-key|version|health``, with LinkSocks's flags
-and defaults.
+"""Command line: ``trisocks server|client|provider|connector|hash-key|version|health|backup|
+check-config``, with LinkSocks's flags and defaults.
 
 Every flag can also come from a ``TRISOCKS_*`` environment variable (named in
 ``--help``); a flag on the command line wins over the environment.

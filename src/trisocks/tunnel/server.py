@@ -335,12 +335,16 @@ async def serve_until_signal(server: Server, *, grace: float = DEFAULT_GRACE,
     gracefully on SIGTERM or SIGINT (:func:`stop_gracefully`). Returns when stopped."""
     notifier = notifier or Notifier.from_environment()
     outcome = "cancelled"
-    with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+    with trio.open_signal_receiver(*STOP_SIGNALS, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             notifier.start_watchdog(nursery)
             await nursery.start(server.serve)
             notifier.ready(f"listening on {hostport(server.host, server.port)}")
             async for signum in signals:
+                if signum == signal.SIGHUP:  # a reload: what could change lives in the plane
+                    log.warning("SIGHUP: nothing to reload without the management plane "
+                                "(-k or --db, and --config); ignored")
+                    continue
                 outcome = await stop_gracefully(server, signals, signum, nursery.cancel_scope,
                                                 grace=grace, notifier=notifier)
                 break
