@@ -86,9 +86,11 @@ def start_pair(mode: str, nginx_port: int,
         other = subprocess.Popen(TRISOCKS + ["client", "-u", f"ws://127.0.0.1:{ws}", "-t",
                                              policy_user.USER_KEY, "-p", str(socks)], **quiet)
         names = ("server", "client")
-    elif mode == "forward":
+    elif mode in ("forward", "plane"):
+        plane = ["-k", policy_user.API_KEY, "--db", str(tmp / f"plane-{ws}.db")] \
+            if mode == "plane" else []
         server = subprocess.Popen(TRISOCKS + ["server", "-H", "127.0.0.1", "-P", str(ws),
-                                              "-t", TOKEN], **quiet)
+                                              "-t", TOKEN, *plane], **quiet)
         wait_port(ws)
         other = subprocess.Popen(TRISOCKS + ["client", "-u", f"ws://127.0.0.1:{ws}", "-t", TOKEN,
                                              "-p", str(socks)], **quiet)
@@ -131,13 +133,13 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=4, help="transfers per direction, per "
                         "mode and round (default 4)")
     parser.add_argument("--modes", default="forward,reverse",
-                        help="of forward, policy, policy-nolimit, reverse (default "
+                        help="of forward, plane (-k and --db, no policy), policy, policy-nolimit, reverse (default "
                         "forward,reverse)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="times the modes take turns, each on fresh processes (default 1)")
     args = parser.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in modes if m not in ("forward", "policy", "policy-nolimit", "reverse")]
+    bad = [m for m in modes if m not in ("forward", "plane", "policy", "policy-nolimit", "reverse")]
     if bad or args.reps < 1 or args.rounds < 1:
         parser.error(f"unknown mode(s) {', '.join(bad)}" if bad else "--reps and --rounds >= 1")
     # (mode, direction) -> one {"speed": MB/s, "cpu": {process: seconds}} per transfer
@@ -187,7 +189,7 @@ def main() -> int:
         print(f"== summary: {args.rounds} round(s) x {args.reps} transfer(s) of 1 GiB "
               "per mode and direction", flush=True)
         totals = {key: _median_line(f"{key[0]:14} {key[1]:4}", r) for key, r in runs.items()}
-        for on in ("policy", "policy-nolimit"):
+        for on in ("plane", "policy", "policy-nolimit"):
             if on not in modes or "forward" not in modes:
                 continue
             for d in ("down", "up"):
