@@ -133,8 +133,8 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=4, help="transfers per direction, per "
                         "mode and round (default 4)")
     parser.add_argument("--modes", default="forward,reverse",
-                        help="of forward, plane (-k and --db, no policy), policy, policy-nolimit, reverse (default "
-                        "forward,reverse)")
+                        help="of forward, plane (-k and --db, no policy), policy, "
+                        "policy-nolimit, reverse (default forward,reverse)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="times the modes take turns, each on fresh processes (default 1)")
     args = parser.parse_args()
