@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import trio
 from trio.lowlevel import RunVar, wait_writable
 
-from ..wire.names import BadHostName, ascii_host
+from ..wire.names import BadHostName, ascii_host, ip_of
 from .transport import close_socket, tune_socket
 
 # Name lookups at once. getaddrinfo blocks a worker thread for as long as a resolver takes
@@ -151,10 +151,7 @@ WILDCARDS = frozenset({"", "0.0.0.0", "::", "*"})
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
-    except ValueError:
-        return None
+    ip = ip_of(text)
     mapped = getattr(ip, "ipv4_mapped", None)
     return mapped or ip
 

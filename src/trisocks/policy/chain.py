@@ -20,8 +20,6 @@ denied, whatever the name.
 
 from __future__ import annotations
 
-import ipaddress
-
 from .rules import Rule, RuleSet, builtin_token_defaults, builtin_user_defaults
 
 USER_DEFAULTS = builtin_user_defaults()
@@ -39,14 +37,6 @@ def levels_for(account, server_rules: RuleSet | None) -> tuple[RuleSet, ...]:
     if server_rules:
         return (server_rules, defaults)
     return (defaults,)
-
-
-def parse_ip(text: str):
-    """An ipaddress object for a socket address's host (scope id dropped), None if not one."""
-    try:
-        return ipaddress.ip_address(text.split("%", 1)[0].strip("[]"))
-    except ValueError:
-        return None
 
 
 def denial(levels: tuple[RuleSet, ...], ip, port: int, proto: str, name: str | None = None,

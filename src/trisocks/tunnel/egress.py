@@ -23,12 +23,12 @@ from collections.abc import Awaitable, Callable, Iterable
 import trio
 
 from ..net.channel import OPENING, Channel
-from ..net.dial import dial_tcp, is_own_listener, resolve
+from ..net.dial import Refused, dial_tcp, is_own_listener, literal_family, resolve
 from ..net.session import Handler, Session
 from ..net.transport import close_socket
-from ..policy.chain import DENIED, denial, levels_for, parse_ip
+from ..policy.chain import DENIED, denial, levels_for
 from ..wire import protocol, socks5
-from ..wire.names import host_error
+from ..wire.names import host_error, ip_of
 
 log = logging.getLogger("trisocks.egress")
 
@@ -91,7 +91,7 @@ class Egress(Handler):
             return listeners is not None and is_own_listener((str(ip), port), listeners())
 
         def refuse(sockaddr) -> str | None:
-            rule = denial(levels, parse_ip(str(sockaddr[0])), port, proto, name, own)
+            rule = denial(levels, ip_of(str(sockaddr[0])), port, proto, name, own)
             return None if rule is None else f"{DENIED} ({rule.text})"
 
         return refuse
@@ -147,7 +147,7 @@ class Egress(Handler):
     async def _dial(self, host: str, port: int, account=None):
         """Dial (the pending count was taken by on_connect and is given back here)."""
         try:
-            name = None if literal_ip(host) else host
+            name = None if literal_family(host.strip("[]")) else host
             refuse = self.rule_check(account, name, port, "tcp")
             if self.dialer is direct_dialer:
                 return await direct_dialer(host, port, self.connect_timeout, refuse)
@@ -159,8 +159,6 @@ class Egress(Handler):
     async def _check_proxied(self, host: str, port: int, name: str | None, refuse) -> None:
         """Through an upstream proxy the proxy resolves names: check the name (domain rules),
         and every address our own resolver gives for it, before asking the proxy."""
-        from ..net.dial import Refused
-
         if name is None:
             addresses = [(host.strip("[]"), port)]
         else:
@@ -197,10 +195,6 @@ class Egress(Handler):
             pass
         finally:
             ch.finish()
-
-
-def literal_ip(host: str) -> bool:
-    return parse_ip(host) is not None
 
 
 def _failure_text(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ Sans-IO: no Trio, no sockets beyond ``inet_pton``.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 
@@ -25,6 +26,15 @@ _LABEL = re.compile(r"[A-Za-z0-9_-]+\Z")
 # The start of the error text a refusal carries (ConnectResponse, logs); socks5 maps it to
 # "host unreachable", like a name that does not resolve.
 BAD_HOST_TEXT = "invalid host name"
+
+
+def ip_of(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address in a host or socket-address text (brackets and an IPv6 scope dropped),
+    or None when it is not an IP literal."""
+    try:
+        return ipaddress.ip_address(text.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
 
 
 def bracket(host: str) -> str:
