@@ -101,7 +101,7 @@ class Meter:
     def admit(self) -> str | None:
         """Why a new channel may not open now (refuse_reason, then the connection limits)."""
         reason = self.refuse_reason()
-        if reason is None and self.admission is not None:
+        if reason is None:
             reason = self.admission.admit_channel(len(self.channels))
         return reason
 

@@ -24,13 +24,12 @@ from .state import PlaneState
 log = logging.getLogger("trisocks.management")
 
 
-def checked(policy: spec.Policy) -> spec.Policy:
-    """The policy, or Invalid naming what is wrong with its rules."""
+def compiled(policy: spec.Policy):
+    """The policy's rules compiled (for put_in_force), or Invalid naming what is wrong."""
     try:
-        spec.compile_rules(policy)
+        return spec.compile_rules(policy)
     except ValueError as exc:
         raise Invalid(f"policy.rules: {exc}") from None
-    return policy
 
 
 def rules_in_force(meter: Meter, server_rules) -> list[s.RuleLevel]:
@@ -84,7 +83,8 @@ class PolicyService:
         st = self.state
         async with st.lock:
             info = self._token(token)
-            policy = checked(spec.merged(info.account.policy, change.policy))
+            policy = spec.merged(info.account.policy, change.policy)
+            rules = compiled(policy)
             old = info.account.policy
             info.account.policy = policy  # what token_record writes
             try:
@@ -92,7 +92,7 @@ class PolicyService:
             except BaseException:
                 info.account.policy = old
                 raise
-            spec.put_in_force(info.account, policy)
+            spec.put_in_force(info.account, policy, rules)
         st.events.add("token_updated", token=info.token, detail=spec.encode(change.policy))
         log.info("API: token policy changed")
         return self.token_view(info)

@@ -20,7 +20,7 @@ from .dates import rfc3339
 from .errors import Conflict, Invalid, NotFound
 from .lifecycle import next_boundary, status_of
 from .model import DISABLED, ON_HOLD, REASON_DISABLED, REASON_EXPIRED, UserAccount
-from .policies import checked, live, rules_in_force
+from .policies import compiled, live, rules_in_force
 from .records import user_record
 from .state import PlaneState
 
@@ -122,8 +122,8 @@ class UserService:
                                on_hold_duration=req.on_hold_duration)
             user.on_quota = st.quota_reached
             if req.policy is not s.UNSET:
-                user.policy = checked(spec.merged(None, req.policy))
-                spec.put_in_force(user, user.policy)
+                policy = spec.merged(None, req.policy)
+                spec.put_in_force(user, policy, compiled(policy))
             await st.persist(st.store.put_user(user_record(user)))
             st.users[key] = user
             st.users_by_name[name] = user
@@ -173,13 +173,14 @@ class UserService:
             if "expires_at" in changes:
                 when = changes["expires_at"]
                 fields["expires_at"] = when.timestamp() if when is not None else None
-            policy = None
+            policy = rules = None
             if "policy" in changes:
-                policy = checked(spec.merged(user.policy, changes["policy"]))
+                policy = spec.merged(user.policy, changes["policy"])
+                rules = compiled(policy)
             stored = dict(fields, policy=spec.encode(policy)) if policy is not None else fields
             await st.persist(st.store.put_user(user_record(user, **stored)))
             if policy is not None:
-                spec.put_in_force(user, policy)
+                spec.put_in_force(user, policy, rules)
             if "name" in fields:
                 st.users_by_name.pop(user.name, None)
                 st.users_by_name[fields["name"]] = user

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from .admission import REFUSE, Admission
+from .admission import REFUSE
 from .pace import Pacer
 from .rules import RuleError, RuleSet
 
@@ -87,16 +87,14 @@ def put_in_force(account, policy: Policy, rules: RuleSet | None = None) -> None:
     Channels read the pacers at every read and the rules at every new connection, so a
     change applies within one quantum (speed) or at the next connection (rules, limits)."""
     account.policy = policy
-    account.rules = rules if rules is not None else compile_rules(policy)
+    account.rules = rules if rules is not None or not policy.rules else compile_rules(policy)
     account.pace_up = _pacer(account.pace_up, policy.speed_up, policy.burst)
     account.pace_down = _pacer(account.pace_down, policy.speed_down, policy.burst)
 
     def given(value):
         return None if value is UNSET else value
 
-    admission = account.admission or Admission()
-    admission.configure(
+    account.admission.configure(
         max_channels=given(policy.max_channels), rate=given(policy.connection_rate),
         burst=given(policy.connection_burst), max_devices=given(policy.max_devices),
         device_policy=given(policy.device_policy) or REFUSE, max_clients=given(policy.max_clients))
-    account.admission = admission
