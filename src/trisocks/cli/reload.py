@@ -26,7 +26,7 @@ from . import config
 
 log = logging.getLogger("trisocks")
 
-LIVE = {"rules", "debug", "token", "token_file", "max_sessions_per_token", "log_limit"}
+LIVE = {"rules", "debug", "max_sessions_per_token"}  # (tokens: see _tokens)
 
 
 def file_tokens(cfg: config.ConfigFile, reverse: bool) -> dict[str, config.TokenEntry]:
@@ -84,17 +84,13 @@ class Reloader:
             elif dest == "debug":
                 level = {0: logging.INFO, 1: logging.DEBUG}.get(value, 5)  # 5: TRACE (-dd)
                 logging.getLogger("trisocks").setLevel(level)
-            elif dest == "max_sessions_per_token":
-                self.plane.server.config.max_sessions_per_token = value
             else:
-                restart.append(dest)
-                continue
+                self.plane.server.config.max_sessions_per_token = value
             self.in_force[dest] = value
             applied.append(dest)
         applied += await self._tokens(tokens)
-        if cfg.webhooks is not None and hasattr(self.plane, "webhooks"):
-            await self.plane.webhooks.replace_from_config(cfg.webhooks)
-            applied.append("webhooks")
+        await self.plane.webhooks.replace_from_config(cfg.webhooks)
+        applied.append("webhooks")
         if restart:
             log.warning("reload: %s changed in %s but need a restart", ", ".join(restart), self.path)
         log.info("reloaded %s: %s", self.path, ", ".join(applied) or "no change")
