@@ -49,17 +49,25 @@ class Ingress:
             self.events("policy_refused", account=account, peer=peer,
                         target=f"{request.host}:{request.port}", reason=reason)
 
-    async def on_connect(self, sock, request: socks5.Request, early: bytes, account=None) -> None:
+    async def _carrier(self, sock, request: socks5.Request, account):
+        """The session to carry a request once the account admits it; None after replying
+        to the SOCKS5 client with why not."""
         refused = account.admit() if account is not None else None
         if refused:
             self._refused(account, sock, request, refused)
             await _send_reply(sock, socks5.NOT_ALLOWED)
-            return
+            return None
         session = await self.pool.wait_pick(self.wait_timeout)
         if session is None:
             self.failed += 1
-            log.info("%s: no connection to carry CONNECT %s:%d", self.name, request.host, request.port)
+            log.info("%s: no connection to carry a request for %s:%d", self.name, request.host,
+                     request.port)
             await _send_reply(sock, socks5.NETWORK_UNREACHABLE)
+        return session
+
+    async def on_connect(self, sock, request: socks5.Request, early: bytes, account=None) -> None:
+        session = await self._carrier(sock, request, account)
+        if session is None:
             return
         ch = session.open_channel(f"{request.host}:{request.port}", account)
         try:
@@ -79,15 +87,8 @@ class Ingress:
         """SOCKS5 UDP ASSOCIATE: a UDP relay next to this TCP connection, for as long as it lasts."""
         from ..net.udp import associate
 
-        refused = account.admit() if account is not None else None
-        if refused:
-            self._refused(account, sock, request, refused)
-            await _send_reply(sock, socks5.NOT_ALLOWED)
-            return
-        session = await self.pool.wait_pick(self.wait_timeout)
+        session = await self._carrier(sock, request, account)
         if session is None:
-            self.failed += 1
-            await _send_reply(sock, socks5.NETWORK_UNREACHABLE)
             return
         try:
             await associate(session, sock, request, connect_timeout=self.connect_timeout,
