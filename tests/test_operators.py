@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,12 +14,12 @@ from .api_support import KEY, http, start_api_server
 from .support import (
     clean_env,
     curl,
-    free_port,
     payload_sha256,
     start_trisocks_server,
     trisocks_client_argv,
     trisocks_cmd,
 )
+from .test_run_demo import start_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTENING = re.compile(r"SOCKS5 proxy listening on 127\.0\.0\.1:(\d+)")
@@ -211,13 +210,7 @@ def _command_lines() -> str:
 
 
 def test_make_run_keeps_its_secrets_out_of_ps(procs, tmp_path):
-    ws, socks = free_port(), free_port()
-    while ws + 1 == socks:
-        socks = free_port()
-    state = tmp_path / "state"
-    demo = procs.start([sys.executable, str(ROOT / "scripts" / "run_demo.py"), "--ws-port", str(ws),
-                        "--socks-port", str(socks), "--state", str(state)], name="make-run")
-    demo.wait_for_log("Press Ctrl-C to stop", timeout=60)
+    demo, state = start_demo(procs, tmp_path)
     token = (state / "token").read_text().strip()
     key = (state / "api-key").read_text().strip()
     seen = _command_lines()

@@ -14,7 +14,9 @@ from .support.procs import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_make_run_prints_commands_that_work(procs, tmp_path):
+def start_demo(procs, tmp_path):
+    """scripts/run_demo.py (what `make run` runs) on free ports with its own state directory,
+    once it has printed its lines; returns the process and that directory."""
     ws, socks = free_port(), free_port()
     while ws + 1 == socks:
         socks = free_port()
@@ -22,6 +24,11 @@ def test_make_run_prints_commands_that_work(procs, tmp_path):
     demo = procs.start([sys.executable, str(ROOT / "scripts" / "run_demo.py"), "--ws-port", str(ws),
                         "--socks-port", str(socks), "--state", str(state)], name="make-run")
     demo.wait_for_log("Press Ctrl-C to stop", timeout=60)
+    return demo, state
+
+
+def test_make_run_prints_commands_that_work(procs, tmp_path):
+    demo, state = start_demo(procs, tmp_path)
     out = demo.stdout()
     # the first thing to paste: a page fetched through the tunnel
     m = re.search(r"curl --socks5-hostname (\S+) (http://127\.0\.0\.1:\d+/)", out)
