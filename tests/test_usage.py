@@ -55,6 +55,10 @@ async def test_usage_lands_in_its_hour_and_survives_a_restart(tmp_path):
         assert (usage["bytes_up"], usage["bytes_down"]) == (totals["bytes_up"], totals["bytes_down"])
         day = (await api.get(f"/api/users/{alice['key']}/usage", params={**q, "step": "day"})).json()
         assert [b["bytes_down"] for b in day["buckets"]] == [130_000]
+        # a range reaching far into the past and the future still finds what is kept
+        wide = {"from": "2000-01-01T00:00:00Z", "to": "2199-01-01T00:00:00Z"}
+        far = (await api.get(f"/api/users/{alice['key']}/usage", params=wide)).json()
+        assert far["bytes_down"] == 130_000 and len(far["buckets"]) == 2
         server = (await api.get("/api/usage", params=q)).json()
         assert server["bytes_down"] == 130_000 and len(server["buckets"]) == 2
         # bad queries

@@ -37,7 +37,7 @@ class UsageService:
         start = q.from_.timestamp() if q.from_ is not None else to - DEFAULT_SPAN[q.step]
         if start > to:
             raise Invalid("'from' is after 'to'")
-        start = max(start, to - st.usage_days * 24 * HOUR - HOUR)  # nothing older is kept
+        start = max(start, st.clock() - st.usage_days * 24 * HOUR - HOUR)  # nothing older is kept
         rows = await st.persist(st.store.usage(owner, ident, int(start // HOUR), int(to // HOUR)))
         buckets: dict[int, list[int]] = {}
         for hour, up, down, conns in rows:
