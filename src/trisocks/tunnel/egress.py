@@ -177,7 +177,7 @@ class Egress(Handler):
                 sock, early = await self._dial(msg.address, msg.port, ch.account)
             except (OSError, ValueError, trio.TooSlowError) as exc:  # ValueError: UnicodeError too
                 self.dial_failures += 1
-                if isinstance(exc, PermissionError):
+                if isinstance(exc, Refused):  # a rule (an EACCES from the network is not)
                     self.note_refusal(session, ch.account, ch.target, exc.strerror or "")
                 log.debug("%s: connect to %s failed: %s", session, ch.target, exc or "timeout")
                 session.send_if_open(protocol.ConnectResponse(False, ch.id, _failure_text(exc)))
