@@ -35,10 +35,11 @@ $(EXT): src/trisocks/wire/_relay.pyx $(STAMP)
 build: $(STAMP) $(EXT)
 	@$(BIN)/trisocks version
 
-# Tools the tests drive from the outside (curl, and nginx for the benchmark smoke run);
-# installed with apt when missing.
+# Tools the tests drive from the outside (curl; nginx for the benchmark smoke run and the
+# deploy guide; redis-server for the shared store; chromium, its driver and zbarimg for the
+# dashboard's browser tests); installed with apt when missing.
 tools:
-	@bash scripts/ensure-tools.sh curl nginx
+	@bash scripts/ensure-tools.sh curl nginx redis-server chromium chromedriver zbarimg
 
 run: build
 	@$(PY) scripts/run_demo.py $(ARGS)

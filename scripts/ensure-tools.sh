@@ -11,7 +11,8 @@ done
 
 declare -A package=( [curl]=curl [socat]=socat [nginx]=nginx-light [hey]=hey
                      [ss-server]=shadowsocks-libev [ss-local]=shadowsocks-libev
-                     [microsocks]=microsocks )
+                     [microsocks]=microsocks [redis-server]=redis-server
+                     [chromium]=chromium [chromedriver]=chromium-driver [zbarimg]=zbar-tools )
 pkgs=()
 for tool in "${missing[@]}"; do pkgs+=("${package[$tool]:-$tool}"); done
 
