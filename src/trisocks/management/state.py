@@ -48,6 +48,9 @@ class PlaneState:
         self.usage_days = 90  # hourly usage history kept this many days
         self.metrics_per_owner = 0  # series per token and per user in /metrics: at most this many
         self.refusals: Counter = Counter()  # policy refusals by kind (rule, channels, rate...)
+        # bytes every node of a cluster (workers, or hosts sharing a store) knows; None alone.
+        # Signs what one node issues and another must accept (docs/scale-out.md).
+        self.cluster_secret: bytes | None = None
 
     def count_refusal(self, kind: str) -> None:
         self.refusals[kind] += 1
