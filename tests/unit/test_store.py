@@ -183,3 +183,62 @@ async def test_garbage_counters_are_read_as_zero(tmp_path):
     await store.close()
     [u] = snap.users
     assert (u.bytes_up, u.bytes_down, u.status) == (0, 0, "disabled")
+
+
+async def test_generation_moves_with_changes_not_with_flushes(db):
+    first = await db.generation()
+    await db.put_user(UserRecord(id="u1", key="k1", name="a", status="active", created_at=1.0))
+    after_put = await db.generation()
+    assert after_put != first
+    await db.flush([Counters(owner="user", ident="u1", bytes_up=5, bytes_down=7,
+                             total_connections=1, last_seen=2.0)], [])
+    assert await db.generation() == after_put  # counters are not a change to re-read
+    await db.reset_user("u1")
+    assert await db.generation() != after_put
+    snap = await db.snapshot()
+    assert [(u.id, u.bytes_up, u.bytes_down) for u in snap.users] == [("u1", 0, 0)]
+    assert snap.events == []
+
+
+async def test_workers_share_one_file_under_the_supervisors_lock(tmp_path):
+    """Workers open the file shared (the supervisor holds the lock for them): each sees the
+    other's changes and counters, their events do not replace each other's, and a lone
+    server on the same file is still refused."""
+    from trisocks.management.rows import NodeRecord
+    from trisocks.management.store import lock_database
+
+    path = tmp_path / "w.db"
+    held = lock_database(path)
+    a, b = SQLiteStore(path, shared=True), SQLiteStore(path, shared=True)
+    try:
+        await a.open()
+        await b.open()
+        with pytest.raises(StoreInUse):
+            await SQLiteStore(path).open()
+        await a.put_user(UserRecord(id="u1", key="k1", name="a", status="active", created_at=1.0))
+        seen = await b.generation()
+        assert [u.id for u in (await b.snapshot()).users] == ["u1"]
+        await b.flush([Counters(owner="user", ident="u1", bytes_up=1, bytes_down=2,
+                                total_connections=1, last_seen=3.0)],
+                      [EventRecord(id=1, time=1.0, type="x")])
+        await a.flush([Counters(owner="user", ident="u1", bytes_up=10, bytes_down=20,
+                                total_connections=1, last_seen=4.0)],
+                      [EventRecord(id=1, time=2.0, type="y")])
+        assert await a.generation() == seen
+        (user,) = (await a.snapshot()).users
+        assert (user.bytes_up, user.bytes_down, user.total_connections) == (11, 22, 2)
+        await a.put_node(NodeRecord(id="n1", url="ws://127.0.0.1:1", seen_at=5.0,
+                                    providers={"rev": 2}))
+        await b.put_node(NodeRecord(id="n2", seen_at=6.0))
+        assert [(n.id, n.providers) for n in await b.nodes()] == [("n1", {"rev": 2}), ("n2", {})]
+        await a.delete_node("n1")
+        assert [n.id for n in await b.nodes()] == ["n2"]
+    finally:
+        await a.close()
+        await b.close()
+    import os
+    os.close(held)
+    again = SQLiteStore(path)
+    snap = await again.open()
+    assert sorted(e.type for e in snap.events) == ["x", "y"]
+    await again.close()

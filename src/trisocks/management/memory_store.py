@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .rows import usage_rows
+from .rows import NodeRecord, usage_rows
 from .store import Snapshot, StoreError, TokenRecord, UserRecord, WebhookRecord
 
 
@@ -10,6 +10,7 @@ class MemoryStore:
     """A store that keeps nothing: the plane runs on it when persistence is off (tests)."""
 
     description = "memory (nothing is kept)"
+    shared = False
 
     def __init__(self) -> None:
         self.broken: str | None = None  # set to make every call fail (tests of failure paths)
@@ -65,6 +66,24 @@ class MemoryStore:
             del self._usage[k]
 
     async def check(self) -> None:
+        self._check()
+
+    async def snapshot(self) -> Snapshot:
+        self._check()
+        return Snapshot([], [], [])
+
+    async def generation(self) -> int:
+        self._check()
+        return 0
+
+    async def put_node(self, node: NodeRecord) -> None:
+        self._check()
+
+    async def nodes(self) -> list[NodeRecord]:
+        self._check()
+        return []
+
+    async def delete_node(self, node_id: str) -> None:
         self._check()
 
     async def close(self) -> None:

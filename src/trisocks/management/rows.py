@@ -96,6 +96,29 @@ class Snapshot(msgspec.Struct):
     webhooks: list[WebhookRecord] = msgspec.field(default_factory=list)
 
 
+class NodeRecord(msgspec.Struct, kw_only=True):
+    """One server process of a cluster, as it last told the shared store (a heartbeat).
+
+    ``url`` is where the other nodes reach this one's tunnel port for bridged channels
+    (docs/scale-out.md; "" when it takes none). The maps are this node's own figures: the
+    API adds them up over the nodes alive for cluster-wide answers."""
+
+    id: str
+    url: str = ""
+    host: str = ""
+    pid: int = 0
+    version: str = ""
+    started_at: float = 0.0
+    seen_at: float = 0.0
+    sessions: int = 0
+    channels: int = 0
+    bytes_up: int = 0  # carried by this node since it started
+    bytes_down: int = 0
+    providers: dict[str, int] = {}  # reverse token -> providers connected to this node
+    clients: dict[str, int] = {}  # token (or user id for users) -> sessions on this node
+    store_error: str | None = None
+
+
 def _count(value, what: str) -> int:
     """A stored counter: a non-negative integer, or 0."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:

@@ -39,6 +39,7 @@ import trio
 from .rows import (
     Counters,
     EventRecord,
+    NodeRecord,
     Snapshot,
     StoreError,
     StoreInUse,
@@ -62,9 +63,15 @@ EVENTS_KEPT = 100_000  # rows of the events table; older ones are pruned as new 
 
 
 class Store(Protocol):
-    """What the management plane needs from storage. Every method may raise StoreError."""
+    """What the management plane needs from storage. Every method may raise StoreError.
+
+    A ``shared`` store is written by other server processes too (workers of one host on one
+    SQLite file, or nodes on one Redis): the plane then re-reads it (``generation`` tells
+    when an API change was committed anywhere, ``snapshot`` what is stored now) and keeps a
+    heartbeat in it (``put_node``/``nodes``); see management/cluster.py."""
 
     description: str
+    shared: bool
 
     async def open(self) -> Snapshot:
         """Prepare the store and return everything kept (events: the most recent)."""
@@ -102,6 +109,20 @@ class Store(Protocol):
 
     async def check(self) -> None:
         """Raise StoreError unless the store can be written now."""
+
+    async def snapshot(self) -> Snapshot:
+        """Tokens, users (their counters as stored now) and webhooks; no events."""
+
+    async def generation(self) -> int:
+        """A number that changes with every committed put, delete or reset (not with flush)."""
+
+    async def put_node(self, node: NodeRecord) -> None:
+        """Create or replace this node's heartbeat row."""
+
+    async def nodes(self) -> list[NodeRecord]:
+        """Every node's last heartbeat, alive or not (the caller judges by ``seen_at``)."""
+
+    async def delete_node(self, node_id: str) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -163,6 +184,11 @@ CREATE TABLE IF NOT EXISTS webhooks (
     events TEXT,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS nodes (
+    id TEXT PRIMARY KEY,
+    seen_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     time REAL NOT NULL,
@@ -209,13 +235,70 @@ def _migrate(conn: sqlite3.Connection) -> None:
             log.info("database: %s.%s added (schema %d)", table, column, SCHEMA_VERSION)
 
 
+def _read(conn: sqlite3.Connection) -> Snapshot:
+    """Tokens, users and webhooks as stored (events: none)."""
+    tokens = [clean_token(TokenRecord(**dict(zip(_TOKEN_COLS, row, strict=False))))
+              for row in conn.execute(f"SELECT {','.join(_TOKEN_COLS)} FROM tokens ORDER BY rowid")]
+    for t in tokens:
+        t.allow_manage_connector = bool(t.allow_manage_connector)
+    users = [clean_user(UserRecord(**dict(zip(_USER_COLS, row, strict=False))))
+             for row in conn.execute(f"SELECT {','.join(_USER_COLS)} FROM users ORDER BY rowid")]
+    users.sort(key=lambda u: u.created_at)  # stable: rowid order among equals
+    hooks = [webhook_from_row(*row) for row in conn.execute(
+        f"SELECT {','.join(_WEBHOOK_COLS)} FROM webhooks ORDER BY rowid")]
+    return Snapshot(tokens, users, [], [h for h in hooks if h is not None])
+
+
+def lock_path_of(path: str | os.PathLike) -> Path:
+    # next to the real file, so that a symlink to the database finds the same lock
+    real = Path(path).resolve()
+    return real.with_name(real.name + ".lock")
+
+
+def lock_database(path: str | os.PathLike) -> int:
+    """Hold an exclusive flock on <db>.lock (until the returned descriptor is closed), or
+    raise StoreInUse. A server takes it for its database; the supervisor of workers takes
+    it once for all of them (they open the file ``shared``).
+
+    A separate file, because SQLite's own POSIX locks on the database must not be mixed
+    with ours; it is never removed (removing it would let two servers lock two different
+    files of the same name).
+    """
+    db = Path(path)
+    lock = lock_path_of(db)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot create {lock}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        who = f"another trisocks server (pid {holder})" if holder.isdigit() else "another process"
+        raise StoreInUse(f"{db} is in use by {who}; stop that one first, or give this "
+                         "server a database of its own with --db FILE") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+_BUMP = ("INSERT INTO meta (key, value) VALUES ('generation', '1') ON CONFLICT(key) DO UPDATE "
+         "SET value = CAST(value AS INTEGER) + 1")
+
+
 class SQLiteStore:
     """The embedded store: a SQLite file (created 0600 in a 0700 directory)."""
 
-    def __init__(self, path: str | os.PathLike, *, events_loaded: int = 10_000) -> None:
+    def __init__(self, path: str | os.PathLike, *, events_loaded: int = 10_000,
+                 shared: bool = False) -> None:
         self.path = Path(path)
         self.description = f"SQLite {self.path}"
         self.events_loaded = events_loaded
+        # shared: one of the workers of `trisocks server --workers N`, whose supervisor holds
+        # the file's lock (lock_database) for all of them; every worker writes the file
+        self.shared = shared
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we opened
@@ -223,9 +306,7 @@ class SQLiteStore:
 
     @property
     def lock_path(self) -> Path:
-        # next to the real file, so that a symlink to the database finds the same lock
-        real = self.path.resolve()
-        return real.with_name(real.name + ".lock")
+        return lock_path_of(self.path)
 
     # -- plumbing -------------------------------------------------------------------------
     async def _run(self, fn, *args):
@@ -245,14 +326,17 @@ class SQLiteStore:
                         pass
                 raise StoreError(f"{self.path}: {exc}") from None
 
-    def _tx(self, statements):
-        """Run (sql, params-list) pairs in one IMMEDIATE transaction."""
+    def _tx(self, statements, change: bool = False):
+        """Run (sql, params-list) pairs in one IMMEDIATE transaction; ``change``: an API
+        change, which moves the generation other processes watch."""
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             for sql, rows in statements:
                 if rows:
                     conn.executemany(sql, rows)
+            if change:
+                conn.execute(_BUMP)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -264,28 +348,8 @@ class SQLiteStore:
         return await self._run(self._open_sync)
 
     def _take_lock(self) -> None:
-        """Hold an exclusive flock on <db>.lock until close(), or raise StoreInUse.
-
-        A separate file, because SQLite's own POSIX locks on the database must not be
-        mixed with ours; it is never removed (removing it would let two servers lock two
-        different files of the same name).
-        """
-        path = self.lock_path
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot create {path}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            who = f"another trisocks server (pid {holder})" if holder.isdigit() else "another process"
-            raise StoreInUse(f"{self.path} is in use by {who}; stop that one first, or give this "
-                             "server a database of its own with --db FILE") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+        if not self.shared:
+            self._lock_fd = lock_database(self.path)
 
     def _drop_lock(self) -> None:
         if self._lock_fd is not None:
@@ -323,55 +387,72 @@ class SQLiteStore:
             conn.executescript(_SCHEMA)
             _migrate(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            tokens = [clean_token(TokenRecord(**dict(zip(_TOKEN_COLS, row, strict=False))))
-                      for row in conn.execute(f"SELECT {','.join(_TOKEN_COLS)} FROM tokens ORDER BY rowid")]
-            for t in tokens:
-                t.allow_manage_connector = bool(t.allow_manage_connector)
-            users = [clean_user(UserRecord(**dict(zip(_USER_COLS, row, strict=False))))
-                     for row in conn.execute(f"SELECT {','.join(_USER_COLS)} FROM users "
-                                             "ORDER BY rowid")]
-            users.sort(key=lambda u: u.created_at)  # stable: rowid order among equals
+            snap = _read(conn)
             events = [clean_event(EventRecord(**dict(zip(_EVENT_COLS, row, strict=False))))
                       for row in conn.execute(f"SELECT {','.join(_EVENT_COLS)} FROM events "
                                               "ORDER BY id DESC LIMIT ?", (self.events_loaded,))]
-            hooks = [webhook_from_row(*row) for row in conn.execute(
-                f"SELECT {','.join(_WEBHOOK_COLS)} FROM webhooks ORDER BY rowid")]
         except BaseException:
             conn.close()
             raise
         events.reverse()
+        snap.events = events
         self._conn = conn
         self._identity = self._stat_identity()
-        return Snapshot(tokens, users, events, [h for h in hooks if h is not None])
+        return snap
+
+    async def snapshot(self) -> Snapshot:
+        return await self._run(lambda: _read(self._conn))
+
+    async def generation(self) -> int:
+        rows = await self._run(self._query, "SELECT value FROM meta WHERE key = 'generation'", ())
+        return int(rows[0][0]) if rows else 0
+
+    async def put_node(self, node: NodeRecord) -> None:
+        row = (node.id, node.seen_at, msgspec.json.encode(node).decode())
+        await self._run(self._tx, [("INSERT OR REPLACE INTO nodes (id, seen_at, body) VALUES (?, ?, ?)",
+                                    [row])])
+
+    async def nodes(self) -> list[NodeRecord]:
+        rows = await self._run(self._query, "SELECT body FROM nodes ORDER BY id", ())
+        out = []
+        for (body,) in rows:
+            try:
+                out.append(msgspec.json.decode(body, type=NodeRecord))
+            except msgspec.DecodeError:
+                log.warning("database: a node row cannot be read; ignored")
+        return out
+
+    async def delete_node(self, node_id: str) -> None:
+        await self._run(self._tx, [("DELETE FROM nodes WHERE id = ?", [(node_id,)])])
 
     async def put_token(self, record: TokenRecord) -> None:
         row = tuple(getattr(record, c) for c in _TOKEN_COLS)
-        await self._run(self._tx, [(_upsert("tokens", _TOKEN_COLS, "token"), [row])])
+        await self._run(self._tx, [(_upsert("tokens", _TOKEN_COLS, "token"), [row])], True)
 
     async def delete_tokens(self, tokens: list[str]) -> None:
-        await self._run(self._tx, [("DELETE FROM tokens WHERE token = ?", [(t,) for t in tokens])])
+        await self._run(self._tx, [("DELETE FROM tokens WHERE token = ?", [(t,) for t in tokens])], True)
 
     async def put_user(self, record: UserRecord) -> None:
         row = tuple(getattr(record, c) for c in _USER_COLS)
-        await self._run(self._tx, [(_upsert("users", _USER_COLS, "id"), [row])])
+        await self._run(self._tx, [(_upsert("users", _USER_COLS, "id"), [row])], True)
 
     async def reset_user(self, user_id: str) -> None:
         await self._run(self._tx, [("UPDATE users SET bytes_up = 0, bytes_down = 0 WHERE id = ?",
-                                    [(user_id,)])])
+                                    [(user_id,)])], True)
 
     async def delete_user(self, user_id: str) -> None:
         await self._run(self._tx, [("DELETE FROM users WHERE id = ?", [(user_id,)]),
                                    ("DELETE FROM usage WHERE owner = 'user' AND ident = ?",
-                                    [(user_id,)])])
+                                    [(user_id,)])], True)
 
     async def put_webhook(self, record: WebhookRecord) -> None:
         events = None if record.events is None else msgspec.json.encode(record.events).decode()
         row = (record.name, record.url, record.secret, events, record.created_at)
         await self._run(self._tx, [(f"INSERT OR REPLACE INTO webhooks ({','.join(_WEBHOOK_COLS)}) "
-                                    "VALUES (?, ?, ?, ?, ?)", [row])])
+                                    "VALUES (?, ?, ?, ?, ?)", [row])], True)
 
     async def delete_webhook(self, name: str) -> None:
-        await self._run(self._tx, [("DELETE FROM webhooks WHERE name = ?", [(name,)])])
+        await self._run(self._tx, [("DELETE FROM webhooks WHERE name = ?", [(name,)])], True)
 
     async def flush(self, counters: list[Counters], events: list[EventRecord],
                     hour: int | None = None) -> None:
@@ -381,7 +462,10 @@ class SQLiteStore:
                       for c in counters if c.owner == "token"]
         user_rows = [(c.bytes_up, c.bytes_down, c.total_connections, c.last_seen, c.ident)
                      for c in counters if c.owner == "user"]
-        event_rows = [tuple(getattr(e, c) for c in _EVENT_COLS) for e in events]
+        # A shared file has other writers whose event ids count on their own: there the
+        # database numbers the rows.
+        cols = _EVENT_COLS[1:] if self.shared else _EVENT_COLS
+        event_rows = [tuple(getattr(e, c) for c in cols) for e in events]
         user_rows = [(up, down, conns, seen, seen, ident) for up, down, conns, seen, ident in user_rows]
         statements = [
             (("UPDATE tokens SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, "
@@ -390,8 +474,8 @@ class SQLiteStore:
             (("UPDATE users SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, "
               "total_connections = total_connections + ?, "
               "last_seen = COALESCE(MAX(last_seen, ?), last_seen, ?) WHERE id = ?"), user_rows),
-            ((f"INSERT OR REPLACE INTO events ({','.join(_EVENT_COLS)}) "
-             f"VALUES ({','.join('?' * len(_EVENT_COLS))})"), event_rows),
+            ((f"INSERT OR REPLACE INTO events ({','.join(cols)}) "
+             f"VALUES ({','.join('?' * len(cols))})"), event_rows),
         ]
         if hour is not None:
             statements.append((
@@ -401,8 +485,8 @@ class SQLiteStore:
                 "bytes_down = bytes_down + excluded.bytes_down, "
                 "connections = connections + excluded.connections", usage_rows(counters, hour)))
         if event_rows:
-            last = event_rows[-1][0]
-            statements.append(("DELETE FROM events WHERE id <= ?", [(last - EVENTS_KEPT,)]))
+            statements.append(("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?",
+                               [(EVENTS_KEPT,)]))
         await self._run(self._tx, statements)
 
     async def usage(self, owner: str, ident: str, first: int, last: int) -> list[tuple]:
@@ -449,5 +533,6 @@ class SQLiteStore:
 
 
 
-__all__ = ["Counters", "EventRecord", "SQLiteStore", "Snapshot", "Store", "StoreError", "StoreInUse",
-           "TokenRecord", "UserRecord", "WebhookRecord", "default_path"]
+__all__ = ["Counters", "EventRecord", "NodeRecord", "SQLiteStore", "Snapshot", "Store", "StoreError",
+           "StoreInUse", "TokenRecord", "UserRecord", "WebhookRecord", "default_path",
+           "lock_database"]
