@@ -3,6 +3,7 @@ plane when -k or --db asks for it)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import partial
 
@@ -138,6 +139,29 @@ def add_parser(sub) -> None:
     add_option(m, "--reset-timezone", env="RESET_TIMEZONE", default="UTC", metavar="ZONE",
          help="the time zone of users' periodic traffic resets (an IANA name such as "
          "Europe/Berlin; docs/operations.md)")
+    w = s.add_argument_group(
+        "scale-out (docs/scale-out.md)",
+        "Several processes on one host (--workers), or several hosts sharing their state in\n"
+        "Redis (--store redis://...). Providers of a reverse token may be on any node: a\n"
+        "SOCKS5 client or connector on another node reaches them over a node-to-node bridge.")
+    add_option(w, "--workers", env="WORKERS", default="1", metavar="N",
+         help="run N worker processes sharing the listening ports (SO_REUSEPORT), supervised: "
+         "one that dies is restarted; 'auto': one per core. They share the store (the SQLite "
+         "file, or --store)")
+    add_option(w, "--store", env="STORE", default="", metavar="URL",
+         help="where the management plane keeps its state: redis://[user:password@]host:port/db, "
+         "rediss://... or unix:///path/redis.sock?db=N (shared by every node; needs the 'redis' "
+         "extra); default: the SQLite file of --db")
+    add_option(w, "--store-prefix", env="STORE_PREFIX", default="trisocks", metavar="PREFIX",
+         help="prefix of every Redis key, so that several deployments can share one Redis")
+    add_option(w, "--node-url", env="NODE_URL", default="", metavar="URL",
+         help="where the other nodes reach this one's WebSocket port for bridged channels "
+         "(ws[s]://host:port); with --store redis://, needed for reverse tokens whose providers "
+         "may be on another node")
+    add_option(w, "--cluster-secret-file", env="CLUSTER_SECRET_FILE", default="", metavar="FILE",
+         help="a secret every node of the cluster shares (one line, 16 characters or more): "
+         "authenticates node-to-node bridges and dashboard sessions; workers of one host make "
+         "their own")
     add_option(s, "--config", env="CONFIG", default="", metavar="FILE",
          help="read settings, tokens and webhooks from this TOML file (docs/operations.md); the "
          "command line and the environment win over it; SIGHUP or POST /api/reload re-reads it")
@@ -193,13 +217,72 @@ def _secrets(args) -> None:
                         "TRISOCKS_CONNECTOR_TOKEN")
 
 
+# set by the supervisor of `--workers N` in each worker's environment (cli/workers.py)
+WORKER_ENV = "TRISOCKS_WORKER_ID"
+SECRET_ENV = "TRISOCKS_CLUSTER_SECRET"
+
+
+def worker_id() -> int | None:
+    """This process's number among the workers of a supervisor; None for a lone server."""
+    raw = os.environ.get(WORKER_ENV)
+    return int(raw) if raw and raw.isdigit() else None
+
+
+def worker_count(args) -> int:
+    """--workers as a number ('auto': the cores this process may use)."""
+    raw = str(args.workers).strip().lower()
+    if raw == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    if not raw.isdigit() or int(raw) < 1:
+        usage_error(f"--workers: expected a number of 1 or more, or 'auto', not {args.workers!r}")
+    return int(raw)
+
+
+def _store(args):
+    """The store of the plane: --store redis://..., or the SQLite file (shared by workers)."""
+    from ..management import SQLiteStore, default_path
+
+    url = args.store
+    if not url or url.startswith("sqlite:"):
+        path = url.split(":", 1)[1].removeprefix("//") if url else (args.db or default_path())
+        if url and args.db:
+            usage_error("give the SQLite file with --db or --store sqlite:PATH, not both")
+        return SQLiteStore(path, shared=worker_id() is not None)
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        usage_error(f"--store {url}: expected redis://, rediss://, unix:// or sqlite:PATH")
+    if args.db:
+        usage_error("--db is the SQLite file; with --store redis://... there is none")
+    try:
+        from ..management.redis_store import RedisStore
+    except ImportError as exc:
+        usage_error(f"--store {url.split('://')[0]}://: {exc.name} is not installed; install "
+                    "trisocks with the redis extra (pip install 'trisocks[redis]')")
+    try:
+        return RedisStore(url, prefix=args.store_prefix)
+    except ValueError as exc:
+        usage_error(f"--store: {exc}")
+
+
+def _cluster_secret(args) -> bytes | None:
+    """What the nodes of one cluster share: the supervisor's (workers), or --cluster-secret-file."""
+    if args.cluster_secret_file:
+        secret = read_secret_file("--cluster-secret-file", args.cluster_secret_file)[0]
+        if len(secret) < 16:
+            usage_error("--cluster-secret-file: the secret is too short; use 16 characters or more")
+        return secret.encode()
+    raw = os.environ.get(SECRET_ENV) if worker_id() is not None else None
+    return raw.encode() if raw else None
+
+
 def _management(args):
-    """The management plane when -k or --db asks for it (None otherwise)."""
-    if not (args.api_key or args.db):
+    """The management plane when -k, --db or --store asks for it (None otherwise)."""
+    if args.node_url and not args.node_url.startswith(("ws://", "wss://")):
+        usage_error("--node-url must start with ws:// or wss://")
+    if not (args.api_key or args.db or args.store):
         if args.api_bind or args.api_allow_remote:
             usage_error("--api-bind and --api-allow-remote need -k/--api-key")
         return None
-    from ..management import ApiKey, Management, SQLiteStore, default_path
+    from ..management import ApiKey, Management
     from ..management.serving import parse_bind
 
     try:
@@ -214,10 +297,16 @@ def _management(args):
     if key is not None and key.plaintext_configured and len(args.api_key) < 16:
         log.warning("the API key is short (%d characters); use 16 or more, or a random one",
                     len(args.api_key))
-    return Management(SQLiteStore(args.db or default_path()), api_key=key,
-                      allow_remote=args.api_allow_remote, api_bind=bind,
-                      public_url=args.public_url, handle_signals=True,
-                      metrics_per_owner=max(0, args.metrics_per_owner))
+    store = _store(args)
+    if store.shared and args.node_url == "" and worker_id() is None and args.reverse:
+        log.warning("--store is shared but --node-url is not given: SOCKS5 clients and "
+                    "connectors on other nodes cannot reach this node's providers")
+    management = Management(store, api_key=key, allow_remote=args.api_allow_remote, api_bind=bind,
+                            public_url=args.public_url, handle_signals=True,
+                            metrics_per_owner=max(0, args.metrics_per_owner))
+    management.state.cluster_secret = _cluster_secret(args)
+    management.node_url = args.node_url
+    return management
 
 
 def cmd_check_config(args) -> int:
@@ -279,6 +368,18 @@ def cmd_server(args) -> int:
     cfg = _read_config(args) if args.config else None
     _secrets(args)
     credentials_pair(args)
+    workers = worker_count(args)
+    if worker_id() is None and workers > 1:
+        if args.reverse and not (args.api_key or args.db or args.store):
+            usage_error("--workers with -r needs the store (-k, --db or --store): the workers "
+                        "find each other's providers through it")
+        from .workers import supervise
+
+        return supervise(args, workers)
+    if worker_id() is not None:
+        from ..net.transport import share_ports
+
+        share_ports()  # every worker binds the same ports; the kernel spreads connections
     if args.grace < 0:
         usage_error("--grace must be 0 or more seconds")
     if not args.reverse and (args.connector_token or args.connector_autonomy):
@@ -345,7 +446,11 @@ def cmd_server(args) -> int:
                           trusted_proxies=tuple(args.trusted_proxy),
                           max_unauthenticated=args.max_unauthenticated,
                           max_unauthenticated_per_source=args.max_unauthenticated_per_address,
-                          max_sessions_per_token=args.max_sessions_per_token)
+                          max_sessions_per_token=args.max_sessions_per_token,
+                          # workers: each also listens on a port of its own on loopback,
+                          # where the others reach its providers (docs/scale-out.md)
+                          node_listen=("127.0.0.1", 0) if worker_id() is not None else None,
+                          node_url=args.node_url)
     try:
         server = (management.create_server(config) if management is not None
                   else Server(config, tokens))

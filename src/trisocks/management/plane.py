@@ -68,6 +68,8 @@ class Management:
         self._config = None  # the server's configuration, as create_server() was given it
         # with handle_signals: seconds open channels get after SIGTERM/SIGINT (the CLI's --grace)
         self.grace = DEFAULT_GRACE
+        # --node-url: where the other nodes of a cluster reach this one (docs/scale-out.md)
+        self.node_url = ""
         # () -> awaitable dict: re-reads --config (cli/reload.py); None without a file
         self.reloader = None
         self.notifier = Notifier.from_environment() if handle_signals else Notifier()

@@ -257,6 +257,16 @@ def _peer(addr) -> str:
         return str(addr)
 
 
+_share_ports = False
+
+
+def share_ports() -> None:
+    """From now on every listening socket of this process is bound with SO_REUSEPORT: the
+    workers of one server bind the same ports and the kernel spreads connections over them."""
+    global _share_ports
+    _share_ports = True
+
+
 def bind_tcp(host: str, port: int) -> socket.socket:
     """A bound, non-blocking TCP socket, not listening yet: the port is ours, connections are refused."""
     host = host.strip("[]")
@@ -265,6 +275,8 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if _share_ports:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6 and host in ("::", ""):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(sockaddr)

@@ -47,6 +47,10 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = ()
     # the server's destination rules (--allow/--deny: a trisocks.policy.rules.RuleSet, or None)
     rules: object = None
+    # scale-out (docs/scale-out.md): a listener of this node's own where the other nodes
+    # reach its providers (workers of one host), and the URL they use for that (--node-url)
+    node_listen: tuple[str, int] | None = None
+    node_url: str = ""
 
 
 def _has_private_key(path: str) -> bool:
