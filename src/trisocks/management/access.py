@@ -25,6 +25,9 @@ class Access:
         # --api-bind.
         self.resolve_client: Callable[[str, Mapping[str, str]], str] | None = None
         self._auth_log = LogBudget()
+        # the dashboard's sessions (ui_session.Sessions), set by routes_ui.install_ui: their
+        # cookie stands in for the key; None: only the key does
+        self.ui_sessions = None
 
     def note_api_auth_failure(self, address: str) -> None:
         self.events.add("api_auth_failure", peer=address)

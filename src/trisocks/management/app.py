@@ -10,7 +10,8 @@ Who may call what:
 
 ``public``  anyone (``/``, ``/healthz``, ``/api/openapi.json``)
 ``user``    anyone holding a user's access key, which is in the path (``/api/subscribe``)
-``key``     the management API key, from a loopback address unless --api-allow-remote
+``key``     the management API key, from a loopback address unless --api-allow-remote; or
+            the dashboard's session cookie, with X-CSRF-Token for changes (ui_session.py)
 
 Failed keys (API or user) count against the caller's address (:func:`caller_address`);
 past the limit it gets 429 with ``Retry-After`` (keys.FailureLimiter). Each failure is
@@ -40,6 +41,8 @@ from .errors import Conflict, DomainError, Invalid, InvalidField, NotFound, Refu
 from .keys import presented_keys
 from .operations import Call, Operation, Reply
 from .registry import operations
+from .routes_ui import install_ui
+from .ui_session import COOKIE, SessionRefused
 
 MAX_BODY = 1 << 20
 FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
@@ -174,7 +177,14 @@ async def check_api_key(access: Access) -> None:
     if not access.allow_remote and not is_local_request():
         raise ApiError(403, "remote management disabled")
     address = check_rate(access)
-    for candidate in presented_keys(request.headers):
+    presented = presented_keys(request.headers)
+    if not presented and access.ui_sessions is not None and COOKIE in request.cookies:
+        try:  # the dashboard's session cookie (ui_session.py): no key, and CSRF checked
+            access.ui_sessions.authorize(request.cookies[COOKIE], request.method, request.headers)
+        except SessionRefused as exc:
+            raise ApiError(exc.status, exc.message) from None
+        return
+    for candidate in presented:
         if await access.api_key.verify(candidate):
             access.limiter.succeeded(address)
             return
@@ -254,6 +264,9 @@ def create_app(plane) -> QuartTrio:
     for op in operations():
         app.add_url_rule(_quart_path(op.path), view_func=_wrap(plane, op), methods=[op.method],
                          strict_slashes=False if op.path == "/" else None)
+
+    # the dashboard, /ui/ (routes_ui.py; not in the OpenAPI document), with the API's own checks
+    install_ui(app, plane, local=is_local_request, caller=caller_address)
 
     @app.after_request
     async def server_header(response):
