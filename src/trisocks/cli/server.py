@@ -305,7 +305,6 @@ def _management(args):
                             public_url=args.public_url, handle_signals=True,
                             metrics_per_owner=max(0, args.metrics_per_owner))
     management.state.cluster_secret = _cluster_secret(args)
-    management.node_url = args.node_url
     return management
 
 

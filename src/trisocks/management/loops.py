@@ -95,15 +95,7 @@ class Loops:
                 if info.token not in known:
                     await st.store.put_token(token_record(info))
         for rec in snap.users:
-            user = user_from_record(rec)
-            user.on_quota = st.quota_reached
-            st.users[user.key] = user
-            st.users_by_name[user.name] = user
-            if st.tokens.get(user.key) is not None:
-                log.error("user %s: its key is also given as a -t token; the user cannot "
-                          "authenticate until one of them changes", user.name)
-                continue
-            st.tokens.add(TokenInfo(user.key, FORWARD, account=user))
+            self.add_user(rec)
         # users already past the warning share were warned before the restart
         self._warned = {u.id for u in st.users.values() if self._past_warning(u)}
         if self.webhooks is not None:
@@ -111,6 +103,19 @@ class Loops:
         if snap.tokens or snap.users:
             log.info("restored %d token(s) and %d user(s) from %s", len(snap.tokens), len(snap.users),
                      st.store.description)
+
+    def add_user(self, rec) -> None:
+        """A stored user into the plane (at start, or created by another node)."""
+        st = self.state
+        user = user_from_record(rec)
+        user.on_quota = st.quota_reached
+        st.users[user.key] = user
+        st.users_by_name[user.name] = user
+        if st.tokens.get(user.key) is not None:
+            log.error("user %s: its key is also given as a -t token; the user cannot "
+                      "authenticate until one of them changes", user.name)
+            return
+        st.tokens.add(TokenInfo(user.key, FORWARD, account=user))
 
     def _free_or_any(self, rec: TokenRecord) -> int:
         """The SOCKS5 port a stored reverse token had, or any free one if that is taken now."""

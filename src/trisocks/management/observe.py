@@ -147,7 +147,23 @@ class Observer:
                 database = "error"
         listener = "ok" if st.listening and st.server.ready.is_set() else "error"
         status = "ok" if database == listener == "ok" else "error"
+        if status == "error" and listener == "ok" and st.store.shared:
+            status = "degraded"  # a cluster's node goes on from what it knows (cluster.py)
         return s.Health(status=status, checks=s.HealthChecks(database=database, listener=listener))
+
+    def cluster(self) -> s.Cluster:
+        st = self.state
+        if st.cluster is None:
+            return s.Cluster(store=st.store.description, shared=False, sessions=len(
+                st.server.session_tokens()), channels=0, nodes=[])
+        nodes = [(True, st.cluster.this_node()), *((False, n) for n in st.cluster.others)]
+        views = [s.Node(id=n.id, this=this, url=n.url, host=n.host, pid=n.pid, version=n.version,
+                        started_at=rfc3339(n.started_at), seen_at=rfc3339(n.seen_at),
+                        sessions=n.sessions, channels=n.channels, providers=n.providers,
+                        store_error=n.store_error) for this, n in nodes]
+        return s.Cluster(store=st.store.description, shared=True, nodes=views,
+                         sessions=sum(v.sessions for v in views),
+                         channels=sum(v.channels for v in views))
 
     def metrics_text(self) -> str:
         return metrics.render(self.state)

@@ -22,6 +22,7 @@ from ..tunnel.server import DEFAULT_GRACE, STOP_SIGNALS, stop_gracefully
 from ..wire.names import hostport
 from . import schemas as s
 from .access import Access
+from .cluster import Cluster
 from .keys import ApiKey, FailureLimiter
 from .loops import Loops
 from .model import ManagedTokenTable, SocksUsers
@@ -54,6 +55,9 @@ class Management:
         state.metrics_per_owner = metrics_per_owner
         self.webhooks = WebhookService(state)
         self.loops = Loops(state, flush_interval=flush_interval, webhooks=self.webhooks)
+        if store.shared:  # other processes write the store too: follow them (cluster.py)
+            state.cluster = Cluster(state, loops=self.loops, webhooks=self.webhooks,
+                                    node_url=lambda: getattr(state.server, "node_url", "") or "")
         self.observer = Observer(state, self.loops.flush)
         self.access = Access(state.events, api_key=api_key, allow_remote=allow_remote, limiter=limiter)
         self.user_api = UserService(state)
@@ -68,8 +72,6 @@ class Management:
         self._config = None  # the server's configuration, as create_server() was given it
         # with handle_signals: seconds open channels get after SIGTERM/SIGINT (the CLI's --grace)
         self.grace = DEFAULT_GRACE
-        # --node-url: where the other nodes of a cluster reach this one (docs/scale-out.md)
-        self.node_url = ""
         # () -> awaitable dict: re-reads --config (cli/reload.py); None without a file
         self.reloader = None
         self.notifier = Notifier.from_environment() if handle_signals else Notifier()
@@ -179,6 +181,9 @@ class Management:
     def metrics_text(self) -> str:
         return self.observer.metrics_text()
 
+    def cluster(self) -> s.Cluster:
+        return self.observer.cluster()
+
     # -- wiring ------------------------------------------------------------------------------------
     @property
     def app(self):
@@ -205,6 +210,9 @@ class Management:
         users_by_name = self.state.users_by_name
         server.socks_credentials_hook = lambda own: SocksUsers(users_by_name, own)
         self.state.server = server
+        # a cluster: SOCKS5 clients and connectors here reach providers on the other nodes
+        server.peers = self.state.cluster
+        server.cluster_secret = self.state.cluster_secret
         return server
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -249,6 +257,8 @@ class Management:
                 await self.loops.save_moved_ports()
                 nursery.start_soon(self.loops.flush_loop)
                 nursery.start_soon(self.loops.enforce_loop)
+                if st.cluster is not None:
+                    await nursery.start(st.cluster.run)
                 if self.api_key is not None and self.api_bind is not None:
                     await self._serve_api(nursery)
                 log.info("management plane on: %s%s", st.store.description, self._api_where())

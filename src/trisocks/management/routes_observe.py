@@ -39,7 +39,11 @@ async def events(call: Call):
 
 async def healthz(call: Call):
     health = await call.plane.health()
-    return Reply(health, status=200 if health.status == "ok" else 503)
+    return Reply(health, status=503 if health.status == "error" else 200)
+
+
+async def cluster(call: Call):
+    return call.plane.cluster()
 
 
 async def metrics(call: Call):
@@ -85,7 +89,15 @@ def operations() -> list[Operation]:
             "token, user (name or key), type."),
         Operation("GET", "/healthz", healthz, summary="Health: database and listener",
                   tag="observability", auth="public",
-                  responses={200: (s.Health, "all checks pass"), 503: (s.Health, "a check failed")}),
+                  responses={200: (s.Health, "all checks pass, or degraded: a node of a cluster "
+                                   "that cannot reach the shared store serves what it knows"),
+                             503: (s.Health, "a check failed")}),
+        Operation(
+            "GET", "/api/cluster", cluster, summary="The nodes of the cluster",
+            tag="observability", responses={200: (s.Cluster, "the nodes alive, this one first")},
+            description="With a shared store (--workers, --store redis://): every node alive, "
+            "its sessions, channels and providers per reverse token, from its last heartbeat "
+            "(docs/scale-out.md). A lone server lists no nodes."),
         Operation("GET", "/metrics", metrics, summary="Prometheus metrics", tag="observability",
                   responses={200: (None, "Prometheus text format 0.0.4")},
                   content_types={200: METRICS_TYPE}),

@@ -316,8 +316,38 @@ class HealthChecks(Struct, kw_only=True):
 
 
 class Health(Struct, kw_only=True):
-    status: Literal["ok", "error"]
+    # degraded: a node of a cluster that cannot reach the shared store; it carries traffic
+    # for the users and tokens it knows and writes its counters when the store is back
+    status: Literal["ok", "degraded", "error"]
     checks: HealthChecks
+
+
+# -- cluster ---------------------------------------------------------------------------------------
+
+
+class Node(Struct, kw_only=True):
+    id: str  # host/pid/random
+    this: bool  # the node that answers
+    url: str  # where the other nodes reach it for bridged channels ("" none)
+    host: str
+    pid: int
+    version: str
+    started_at: datetime | None
+    seen_at: datetime | None  # its last heartbeat
+    sessions: int  # WebSocket sessions open on it (clients, providers, connectors)
+    channels: int
+    providers: dict[str, int]  # reverse token -> providers connected to it
+    store_error: str | None  # the node cannot write the store
+
+
+class Cluster(Struct, kw_only=True):
+    """GET /api/cluster: the nodes alive (heard of in the last few seconds)."""
+
+    store: str  # the shared store, without its password
+    shared: bool  # false: a lone server (its only node is itself)
+    nodes: list[Node]
+    sessions: int  # over the nodes
+    channels: int
 
 
 # -- usage history ---------------------------------------------------------------------------------

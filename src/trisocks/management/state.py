@@ -51,6 +51,7 @@ class PlaneState:
         # bytes every node of a cluster (workers, or hosts sharing a store) knows; None alone.
         # Signs what one node issues and another must accept (docs/scale-out.md).
         self.cluster_secret: bytes | None = None
+        self.cluster = None  # a cluster.Cluster when the store is shared
 
     def count_refusal(self, kind: str) -> None:
         self.refusals[kind] += 1
@@ -74,13 +75,24 @@ class PlaneState:
             self.server.close_sessions_of(user, reason)
 
     def token_clients(self) -> Counter:
-        """Open sessions per token (keyed by id of its TokenInfo)."""
-        return Counter(id(info) for info in self.server.session_tokens())
+        """Open sessions per token (keyed by id of its TokenInfo), on every node."""
+        out = Counter(id(info) for info in self.server.session_tokens())
+        if self.cluster is not None:
+            for token, n in self.cluster.remote_clients().items():
+                info = self.tokens.get(token)
+                if info is not None:
+                    out[id(info)] += n
+        return out
 
     def user_clients(self) -> Counter:
-        """Open sessions per user id."""
-        return Counter(info.account.id for info in self.server.session_tokens()
-                       if isinstance(info.account, UserAccount))
+        """Open sessions per user id, on every node."""
+        out = Counter(info.account.id for info in self.server.session_tokens()
+                      if isinstance(info.account, UserAccount))
+        if self.cluster is not None:
+            for owner, n in self.cluster.remote_clients().items():
+                if owner.startswith("user:"):
+                    out[owner[5:]] += n
+        return out
 
     def quota_reached(self, user: UserAccount) -> None:
         self.events.add("quota_exceeded", user=user.name, detail=f"limit {user.limit_bytes} bytes")

@@ -207,9 +207,13 @@ class UserService:
         st = self.state
         async with st.lock:
             user = self._user(key)
+            now = st.clock()
             await st.persist(st.store.reset_user(user.id))
+            # last_reset moves too: the other nodes of a cluster see the reset by it
+            await st.persist(st.store.put_user(user_record(user, last_reset=now)))
             user.reset()
             user.flushed = (0, 0, *user.flushed[2:])
+            user.last_reset = now
         st.events.add("user_reset", user=user.name)
         log.info("API: user %s counters reset", user.name)
         return self.view(user)

@@ -427,6 +427,14 @@ class WebhookService:
             if rec.name not in self.hooks:
                 self._install(config, "api", rec.created_at)
 
+    def follow(self, records: list[WebhookRecord]) -> None:
+        """The stored webhooks changed on another node of a cluster: install what is new,
+        drop what that node's API removed (each node posts the events it sees)."""
+        names = {rec.name for rec in records}
+        for name in [n for n, h in self.hooks.items() if h.origin == "api" and n not in names]:
+            self._uninstall(name)
+        self.restore(records)
+
     def list(self) -> WebhookList:
         return WebhookList(webhooks=[hook.view() for hook in self.hooks.values()])
 
