@@ -16,6 +16,7 @@ import atexit
 import json
 import logging
 import logging.handlers
+import os
 import sys
 import threading
 import time
@@ -44,11 +45,18 @@ def extras(record: logging.LogRecord) -> dict:
 
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: ``time``, ``level``, ``logger``, ``message``, then the
-    record's extras (``event``, ``peer``, ...), and ``exception`` with a traceback."""
+    record's extras (``event``, ``peer``, ...), and ``exception`` with a traceback; in a
+    worker of ``--workers N``, ``worker`` (its number) after ``logger``."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         out = {"time": rfc3339(record.created), "level": record.levelname,
                "logger": record.name, "message": record.getMessage()}
+        if self.worker is not None:
+            out["worker"] = self.worker
         for key, value in extras(record).items():
             out.setdefault(key, value)
         if record.exc_info:
@@ -68,10 +76,22 @@ class AccessTextFormatter(logging.Formatter):
         return f"{rfc3339(record.created)} {record.getMessage()}"
 
 
+def worker_tag() -> str | None:
+    """The number of this worker of `trisocks server --workers N` (cli/workers.py), or None."""
+    raw = os.environ.get("TRISOCKS_WORKER_ID", "")
+    return raw if raw.isdigit() else None
+
+
 def formatter(log_format: str, access: bool = False) -> logging.Formatter:
+    worker = worker_tag()
     if log_format == "json":
-        return JsonFormatter()
-    return AccessTextFormatter() if access else logging.Formatter(TEXT_FORMAT, TEXT_DATE)
+        return JsonFormatter(worker=None if worker is None else int(worker))
+    if access:
+        return AccessTextFormatter()
+    # a worker's lines say which worker wrote them
+    text = TEXT_FORMAT if worker is None else TEXT_FORMAT.replace(
+        "%(name)s", f"[worker {worker}] %(name)s")
+    return logging.Formatter(text, TEXT_DATE)
 
 
 def parse_limit(text: str) -> tuple[int, float] | None:
