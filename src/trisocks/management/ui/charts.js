@@ -90,15 +90,27 @@ export function legend(items) {
     items.map(([cls, text]) => el("li", {}, el("span", { class: `swatch ${cls}`, "aria-hidden": "true" }), text)));
 }
 
-// A ring of samples kept between polls (the API gives rates now; history is ours)
+// A ring of samples kept between polls. ``count`` takes a byte counter: the sample is its
+// growth per second since the last poll, so a burst shorter than a poll still shows.
 export class Samples {
   constructor(size) {
     this.size = size;
     this.values = [];
+    this.last = null;
   }
 
   push(v) {
     this.values.push(v);
     if (this.values.length > this.size) this.values.shift();
+  }
+
+  count(total) {
+    const now = performance.now();
+    if (this.last && total >= this.last.total && now > this.last.at) {
+      this.push(((total - this.last.total) * 1000) / (now - this.last.at));
+    } else if (this.last) {
+      this.push(0); // a reset: no rate to tell
+    }
+    this.last = { total, at: now };
   }
 }

@@ -48,8 +48,8 @@ export async function refresh() {
   ]);
   if (!parts) return;
   const t = stats.totals;
-  up.push(t.rate_up);
-  down.push(t.rate_down);
+  up.count(t.bytes_up);
+  down.count(t.bytes_down);
   const online = stats.users.filter((u) => u.clients > 0).length;
   const ok = health && health.status === "ok";
   replace(parts.cards,

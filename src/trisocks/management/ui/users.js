@@ -263,8 +263,8 @@ async function refreshDetail() {
   d.actions.toggle.textContent = user.status === "disabled" ? "Enable" : "Disable";
   const s = live.get(user.id) || { up: new Samples(150), down: new Samples(150) };
   live.set(user.id, s);
-  s.up.push(user.live.rate_up);
-  s.down.push(user.live.rate_down);
+  s.up.count(user.bytes_up);
+  s.down.count(user.bytes_down);
   replace(d.liveChart, lineChart({ series: [{ cls: "down", values: s.down.values }, { cls: "up", values: s.up.values }],
     label: `Throughput of ${user.name} over the last 5 minutes`, format: rate, span: "5 min ago", height: 140 }));
   const hourMs = 3600 * 1000;
@@ -286,7 +286,7 @@ async function refreshDetail() {
     const link = await get(`/ui/users/${encodeURIComponent(user.key)}/link`);
     replace(d.sub,
       el("img", { src: link.qr, alt: `QR code of the subscription link of ${user.name}`, class: "qr",
-        id: "user-qr", width: 185, height: 185 }),
+        id: "user-qr" }),
       el("p", { class: "small muted", text: "Subscription link (trisocks client --subscribe, or a panel-aware client):" }),
       el("input", { readonly: true, class: "mono", id: "user-link", value: link.url,
         "aria-label": "Subscription link", onfocus: (ev) => ev.target.select() }),
