@@ -4,7 +4,8 @@ Starts `trisocks server` on 127.0.0.1:8765 with the management API on, and
 `trisocks client` with SOCKS5 on 127.0.0.1:9870, as two processes, with their
 state and logs under .run/: the token (.run/token), the API key (.run/api-key,
 generated once and printed that time), and the database of users, tokens and
-counters (.run/trisocks.db). A restart reuses all three. Ctrl-C stops both.
+counters (.run/trisocks.db). A restart reuses all three. Ctrl-C stops both. The
+dashboard is on the server's port, /ui/ (log in with the API key).
 
 It also serves a small page on 127.0.0.1 (the WebSocket port + 1) to fetch through the
 tunnel: the server refuses to connect a tunnel user to its own ports (docs/security.md),
@@ -174,6 +175,7 @@ trisocks is running: a server and a client, both on this machine.
   token    {token}         (kept in .run/token)
 {key_line}
   database .run/trisocks.db (users, tokens and traffic counters)
+  dashboard {api}/ui/   (a browser on this machine; log in with the API key)
 
 Paste these in another terminal (from this directory):
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from .support.curl import curl
 from .support.procs import free_port
 
@@ -41,6 +43,14 @@ def test_make_run_prints_commands_that_work(procs, tmp_path):
     key = (state / "api-key").read_text().strip()
     status = curl(m.group(1), extra=["-H", f"X-API-Key: {key}"], timeout=20).check()
     assert status.json()["tokens"][0]["clients_count"] == 1
+    # the dashboard's address, and the key from the state directory logs in to it
+    m = re.search(r"dashboard (http://127\.0\.0\.1:\d+/ui/) +\(a browser on this machine; log in "
+                  r"with the API key\)", out)
+    assert m, out
+    login = m.group(1) + "login"
+    assert curl(login, timeout=20).check().text().count('name="key"') == 1
+    answer = httpx.post(login, data={"key": key}, trust_env=False, timeout=20)
+    assert answer.status_code == 303 and "trisocks_session" in answer.cookies, answer.text
     # the API key is never on a command line that other local users can read
     argvs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert key not in argvs
