@@ -16,6 +16,9 @@ FORWARD = "forward"
 REVERSE = "reverse"
 CONNECTOR = "connector"
 RESERVED = "anonymous"  # what LinkSocks clients send when started without a token
+# Node-to-node bridge tokens start with this (see nodes.py); "~" is outside the url-safe
+# alphabet of generated tokens and keys, and no configured token may start so.
+BRIDGE_PREFIX = "~node~"
 
 
 def digest(token: str) -> str:
@@ -72,6 +75,8 @@ class TokenTable:
             raise ValueError(f"'{RESERVED}' is reserved and cannot be used as a token")
         if not info.token or len(info.token.encode()) > 255:
             raise ValueError("a token must be 1 to 255 bytes long")
+        if info.token.startswith(BRIDGE_PREFIX):
+            raise ValueError(f"tokens starting with {BRIDGE_PREFIX!r} are reserved for node bridges")
         key = digest(info.token)
         existing = self._by_digest.get(key)
         if existing is not None and existing.kind != info.kind:
