@@ -42,10 +42,11 @@ from ..wire.codec import (
 from ..wire.errors import MessageError
 from .egress import Egress
 from .front_door import Ticket, reply
+from .nodes import MAX_INCOMING, NodeBridges, is_bridge_token
 from .reverse import ConnectorSide, ProviderSide, ReverseService
 from .server_config import ServerConfig
 from .throttle import FailureLimiter
-from .tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, TokenTable, redact
+from .tokens import BRIDGE_PREFIX, CONNECTOR, FORWARD, REVERSE, TokenInfo, TokenTable, redact
 
 log = logging.getLogger("trisocks.server")
 
@@ -76,6 +77,7 @@ class Authenticator:
         self.sessions: dict[Session, TokenInfo] = {}
         self._token_sessions: dict[str, int] = {}  # token -> sessions open
         self._channel_groups: dict[str, ChannelGroup] = {}
+        self.nodes: NodeBridges | None = None  # the server's bridges to other nodes (nodes.py)
 
     async def websocket(self, transport, req: Request, peer: str, ip: str, ticket: Ticket,
                          front: trio.CancelScope) -> None:
@@ -117,6 +119,13 @@ class Authenticator:
             info = self.tokens.get(msg.token)
             reverse, instance = msg.reverse, msg.instance
             how = "Auth message"
+            if info is None and not reverse and is_bridge_token(msg.token) and self.nodes is not None:
+                rev = self.nodes.recognise(msg.token, self.services)
+                if rev is not None:  # another node of the cluster, for this node's providers
+                    await self._serve_bridge(transport, req, rest, peer_window, self.services[rev],
+                                             peer, ip, ticket, front)
+                    return
+                # anything else is a wrong token: refused and counted like one below
 
         role = _role(info, reverse)
         if role is None:
@@ -192,6 +201,43 @@ class Authenticator:
                 self._token_sessions[info.token] = left
             if admission is not None:
                 admission.leave(ip, session)
+
+    async def _serve_bridge(self, transport, req: Request, rest: bytes, peer_window: int | None,
+                            service: ReverseService, peer: str, ip: str, ticket: Ticket,
+                            front: trio.CancelScope) -> None:
+        """A bridge session from another node (nodes.py): a connector of ``service``'s token
+        whose channels go to this node's providers only. Internal: no account, no per-token
+        caps or channel group, no events, not among ``sessions`` (the API's clients)."""
+        nodes = self.nodes
+        if len(nodes.incoming) >= MAX_INCOMING or service.stopped:
+            log.warning("bridge from %s refused: %s", peer,
+                        "token removed" if service.stopped else "too many bridge sessions")
+            await self._refuse(transport, "too many sessions for this token")
+            return
+        decoder = Decoder(expect_masked=True, max_message=self.config.max_message,
+                          buffer_size=RECV_BUFFER)
+        decoder.feed_bytes(rest)
+        info = TokenInfo(BRIDGE_PREFIX, CONNECTOR, reverse_token=service.info.token)
+        session = Session(
+            transport, decoder, client_side=False,
+            handler=ConnectorSide(service, info, bridged=True),
+            name=f"bridge from {peer}", peer_window=peer_window,
+            half_close=offers_eof(req.headers.get(FLOW_HEADER)), recv_window=self.config.window,
+            ping_interval=self.config.ping_interval, idle_timeout=self.config.idle_timeout,
+        )
+        session.peer = peer
+        ticket.leave()
+        front.deadline = math.inf
+        session.send(protocol.AuthResponse(True))
+        log.info("%s authenticated (node bridge for reverse token %s)", session,
+                 redact(service.info.token))
+        self.limiter.succeeded(ip)
+        nodes.incoming.add(session)
+        try:
+            await service.serve_bridge(session)
+        finally:
+            nodes.incoming.discard(session)
+            log.info("%s gone: %s", session, session.close_reason or "closed")
 
     async def _run_session(self, session: Session, service: ReverseService | None, role: str,
                            instance: bytes, info: TokenInfo, peer: str, ip: str) -> None:

@@ -46,7 +46,9 @@ class FrontDoor:
         self.http_app = http_app
         self.admission = Admission(config.max_unauthenticated, config.max_unauthenticated_per_source)
 
-    async def handle(self, sock, addr) -> None:
+    async def handle(self, sock, addr, *, plain: bool = False) -> None:
+        """One accepted connection; ``plain``: no TLS even if the port speaks it (the node
+        listener on loopback, see Server.node_url)."""
         peer = _fmt(addr)
         ip = str(addr[0]) if isinstance(addr, tuple) and addr else peer
         # behind a trusted proxy the client's own address is known only from the request head
@@ -59,7 +61,7 @@ class FrontDoor:
             # the whole life before authentication (TLS, request head, Auth) has one deadline;
             # whoever authenticates or goes to the API app leaves it (and the admission count)
             with trio.CancelScope(deadline=trio.current_time() + self.config.preauth_timeout) as front:
-                transport = await self._open(sock, peer)
+                transport = await self._open(sock, peer, plain)
                 if transport is not None:
                     await self._route(transport, peer, addr, ip, ticket, front)
             if front.cancelled_caught:
@@ -75,9 +77,9 @@ class FrontDoor:
                     await transport.aclose()
             close_socket(sock)
 
-    async def _open(self, sock, peer: str):
+    async def _open(self, sock, peer: str, plain: bool = False):
         """The connection as a transport (after the TLS handshake when we speak TLS), or None."""
-        if self.tls is None:
+        if self.tls is None or plain:
             return SocketTransport(sock, peer)
         try:
             return await tls_wrap(sock, self.tls, server_side=True, peer=peer)

@@ -32,6 +32,9 @@ class Ingress:
                  fast_open: bool = False, udp_idle_timeout: float = 60.0,
                  name: str = "SOCKS5") -> None:
         self.pool = pool
+        # how a request waits for a session when none is ready: the pool's own, or on a
+        # server of a cluster also a bridge to another node's providers (nodes.py)
+        self.wait_carrier = pool.wait_pick
         self.udp_idle_timeout = udp_idle_timeout
         self.wait_timeout = wait_timeout  # for a session to appear (reconnects, no provider yet)
         self.connect_timeout = connect_timeout  # for the peer's ConnectResponse
@@ -57,7 +60,7 @@ class Ingress:
             self._refused(account, sock, request, refused)
             await _send_reply(sock, socks5.NOT_ALLOWED)
             return None
-        session = await self.pool.wait_pick(self.wait_timeout)
+        session = await self.wait_carrier(self.wait_timeout)
         if session is None:
             self.failed += 1
             log.info("%s: no connection to carry a request for %s:%d", self.name, request.host,

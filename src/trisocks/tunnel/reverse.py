@@ -7,6 +7,7 @@ rate limited (every ADD counts: success against refusal is what a name guesser l
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Protocol
 
 import trio
@@ -54,10 +55,14 @@ class ReverseService:
         self.by_instance: dict[bytes, SessionPool] = {}  # autonomy: each provider's own pool
         self.connectors: dict[Session, TokenInfo] = {}  # connector sessions and their tokens
         self.instances: dict[Session, bytes] = {}  # provider sessions and their instance ids
+        self.bridges: set[Session] = set()  # bridge sessions from other nodes (nodes.py)
         self.ingress = Ingress(self.pool, wait_timeout=cfg.provider_wait,
                                connect_timeout=cfg.provider_answer, fast_open=cfg.fast_open,
                                name=f"SOCKS5 of {redact(info.token)}")
         self.ingress.events = lambda kind, **fields: server.events(kind, **fields)
+        nodes = getattr(server, "nodes", None)
+        if nodes is not None:  # a local provider first (one call, as before), else another node's
+            self.ingress.wait_carrier = partial(nodes.wait_pick, self.pool, info.token)
         # the token's own pair; management may widen it (see Server.socks_credentials_hook)
         self.own_credentials = Credentials(info.username, info.password) if info.username else None
         creds = server.socks_credentials(self.own_credentials)
@@ -110,7 +115,7 @@ class ReverseService:
         self.stopped = True
         self._open.set()
         self._scope.cancel()
-        for session in list(self.pool) + list(self.connectors):
+        for session in list(self.pool) + list(self.connectors) + list(self.bridges):
             session.close(1008, "token removed")
 
     async def serve_session(self, session: Session, role: str, instance: bytes, info: TokenInfo) -> None:
@@ -137,6 +142,26 @@ class ReverseService:
             finally:
                 self.connectors.pop(session, None)
                 self._tell_partners()
+
+    async def wait_carrier(self, timeout: float, pool: SessionPool | None = None):
+        """A session to carry a new channel of this token: a provider of ``pool`` (default:
+        all of the token's), or, when this node has none and other nodes of the cluster do,
+        a bridge to one of them (:mod:`.nodes`); None when nothing appears within ``timeout``."""
+        pool = self.pool if pool is None else pool
+        nodes = getattr(self.server, "nodes", None)
+        if nodes is None:
+            return await pool.wait_pick(timeout)
+        return await nodes.wait_pick(pool, self.info.token, timeout)
+
+    async def serve_bridge(self, session: Session) -> None:
+        """A bridge session from another node: a connector of this token for that node's
+        clients, whose channels go to providers of this node only. Not one of the token's
+        connectors (no Partners, not counted)."""
+        self.bridges.add(session)
+        try:
+            await session.run()
+        finally:
+            self.bridges.discard(session)
 
     def pool_for(self, connector: TokenInfo) -> SessionPool:
         if connector.owner:
@@ -208,11 +233,13 @@ class ProviderSide(Handler):
 
 
 class ConnectorSide(Handler):
-    """A connector's session: its channels are relayed to a provider."""
+    """A connector's session: its channels are relayed to a provider. A bridge session from
+    another node (``bridged``) reaches this node's providers only: never bridged again."""
 
-    def __init__(self, service: ReverseService, info: TokenInfo) -> None:
+    def __init__(self, service: ReverseService, info: TokenInfo, *, bridged: bool = False) -> None:
         self.service = service
         self.info = info
+        self.bridged = bridged
 
     def on_connect(self, session: Session, msg: protocol.Connect) -> None:
         refused = session.refuse_reason()
@@ -225,8 +252,15 @@ class ConnectorSide(Handler):
         session.spawn(self._link, session, bridge, msg, unit="bridge")
 
     async def _link(self, session: Session, bridge: Bridge, msg: protocol.Connect) -> None:
-        pool = self.service.pool_for(self.info)
-        provider = await pool.wait_pick(self.service.server.config.provider_wait)
+        service = self.service
+        pool = service.pool_for(self.info)
+        wait = service.server.config.provider_wait
+        if self.bridged or self.info.owner:
+            # a bridged channel stays here (no loops); an autonomy token reaches its own
+            # creator only, which the other nodes cannot tell apart
+            provider = await pool.wait_pick(wait)
+        else:
+            provider = await service.wait_carrier(wait, pool)
         if bridge.connector.state:
             return  # the connector gave up meanwhile
         if provider is None:

@@ -35,6 +35,7 @@ from ..wire.names import hostport
 from .authenticate import MAX_CHANNELS_PER_TOKEN, Authenticator
 from .egress import Egress
 from .front_door import FrontDoor, networks
+from .nodes import ClusterMember, NodeBridges
 from .reverse import ReverseService
 from .server_config import MAX_SESSIONS_PER_TOKEN, ServerConfig, tls_server_context
 from .socks_server import Credentials
@@ -55,7 +56,7 @@ def _no_events(kind: str, **fields) -> None:
     pass
 
 
-class Server:
+class Server(ClusterMember):
     """The server. Two hooks connect it to a management plane:
 
     ``events(kind, **fields)`` hears what happens: ``auth_success`` (role, token, account,
@@ -70,8 +71,9 @@ class Server:
     ``host``, ``serve``, the token methods, :meth:`session_tokens`,
     :meth:`close_sessions_of`, :meth:`provider_count`, :meth:`reverse_port`,
     :attr:`socks_credentials_hook`, :meth:`client_address`, :attr:`trusts_proxies`,
-    :meth:`add_listener`, :meth:`check_socks_port`, :attr:`destination_rules` and
-    :attr:`refused_destinations`.
+    :meth:`add_listener`, :meth:`check_socks_port`, :attr:`destination_rules`,
+    :attr:`refused_destinations`, and for scale-out :attr:`peers`, :attr:`cluster_secret`,
+    :attr:`node_url` and :meth:`provider_counts` (see :mod:`.nodes`).
     """
 
     def __init__(self, config: ServerConfig, tokens: TokenTable, *, events=None,
@@ -95,6 +97,9 @@ class Server:
         self.front = FrontDoor(config, self.tls, self.trusted_proxies, websocket=self.auth.websocket,
                                http_app=http_app)
         self.admission = self.front.admission
+        # scale-out: bridges to the providers of other nodes, and theirs to ours (nodes.py)
+        self.nodes = NodeBridges(config, tls=self.tls is not None)
+        self.auth.nodes = self.nodes
         self._nursery: trio.Nursery | None = None
         self._lsock = None
         self._socks_credentials_hook = None
@@ -217,9 +222,10 @@ class Server:
         return self.egress.refused
 
     def _own_listeners(self) -> list[tuple[str, int]]:
-        """Where this process listens: its WebSocket port, every reverse token's SOCKS5 port,
-        and whatever the management plane added (``extra_listeners``)."""
+        """Where this process listens: its WebSocket port (and node listener), every reverse
+        token's SOCKS5 port, and whatever the management plane added (``extra_listeners``)."""
         own = [(self.config.ws_host, self.port)]
+        own += self.nodes.listeners()
         own += [(s.socks.host, s.socks_port) for s in list(self.services.values()) if s.socks_port]
         return own + list(self.extra_listeners)
 
@@ -231,8 +237,10 @@ class Server:
         self.started_at = time.monotonic()
         try:
             self.port = lsock.getsockname()[1]
+            self.nodes.listen()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self.nodes.bind(nursery)
                 for info in self.tokens.of_kind(REVERSE):
                     await self._start_service(info)
                 log.info("trisocks %s listening on %s:%d (%s, WebSocket path /socket)", __version__,
@@ -240,9 +248,12 @@ class Server:
                 self.ready.set()
                 task_status.started(self.port)
                 if not self.stopping:
+                    self.nodes.serve_listener(nursery, self.front.handle)
                     await accept_loop(lsock, self.front.handle, nursery, log, "WebSocket connection")
         finally:
+            self.nodes.bind(None)
             close_socket(lsock)
+            self.nodes.close_listener()
 
     # -- stopping ---------------------------------------------------------------------------
     def stop_accepting(self) -> None:
@@ -250,17 +261,22 @@ class Server:
         each reverse token's SOCKS5 port); open sessions and their channels go on."""
         self.stopping = True
         close_socket(self._lsock)
+        self.nodes.close_listener()
         for service in list(self.services.values()):
             service.socks.close()
 
+    def _all_sessions(self) -> list[Session]:
+        """Every session: the clients' (``sessions``) and the bridges to and from other nodes."""
+        return list(self.sessions) + self.nodes.sessions()
+
     def open_channels(self) -> int:
-        """Channels open in all sessions (forward, provider and connector)."""
-        return sum(len(session.channels) for session in list(self.sessions))
+        """Channels open in all sessions (forward, provider, connector and node bridges)."""
+        return sum(len(session.channels) for session in self._all_sessions())
 
     def busy(self) -> bool:
         """Channels still open, or bytes still queued for a peer."""
         return any(session.channels or session.outbox.queued_bytes
-                   for session in list(self.sessions))
+                   for session in self._all_sessions())
 
     async def drain(self, grace: float) -> bool:
         """Wait until no channel is open and every session's outbox is empty, for at most
