@@ -43,6 +43,8 @@ from .support.procs import ProcessFactory, start_with_free_ports
 from .support.tools import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
+# the dashboard's files (/ui/), which must ship in the wheel and the sdist
+UI_ASSETS = ("index.html", "login.html", "app.js", "api.js", "users.js", "style.css", "favicon.svg")
 VERSION_LINE = re.compile(r"^trisocks (\d+\.\d+\.\d+\S*) \((compiled|pure) hot path\)$")
 WARNING_LINE = re.compile(r"^\s*trisocks: WARNING: compiled extension not built \((.+)\); "
                           r"installing the pure-Python hot path instead", re.MULTILINE)
@@ -110,10 +112,13 @@ def dists(tmp_path_factory) -> Dists:
                for n in names), f"no compiled extension in {wheel.name}: {names}"
     assert "trisocks/wire/_relay_py.py" in names
     assert not any(n.endswith(".c") for n in names), "the generated C belongs in the sdist only"
+    for asset in UI_ASSETS:  # the dashboard's files are package data
+        assert f"trisocks/management/ui/{asset}" in names, f"{asset} missing from {wheel.name}"
     with tarfile.open(sdist) as tf:
         members = {m.name.split("/", 1)[1] for m in tf.getmembers() if "/" in m.name}
     for needed in ("src/trisocks/wire/_relay.pyx", "src/trisocks/wire/_relay.c", "setup.py",
-                   "pyproject.toml", "README.md", "LICENSE"):
+                   "pyproject.toml", "README.md", "LICENSE",
+                   *(f"src/trisocks/management/ui/{asset}" for asset in UI_ASSETS)):
         assert needed in members, f"{needed} missing from {sdist.name}"
     assert not any(m.endswith(".so") for m in members), "a built extension leaked into the sdist"
 
@@ -252,6 +257,11 @@ def run_tunnel(inst: Install, tmp_path: Path, web: tuple[str, bytes], expect_ver
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{server.describe()}\n{client.describe()}") from None
         assert status["version"] == expect_version, status
+        # the dashboard, from the installed package's data
+        page = _curl("--noproxy", "*", f"http://127.0.0.1:{ws_port}/ui/login", cwd=tmp_path)
+        assert 'name="key"' in page, page
+        script = _curl("--noproxy", "*", f"http://127.0.0.1:{ws_port}/ui/static/app.js", cwd=tmp_path)
+        assert "import" in script, script[:200]
         mine = [t for t in status["tokens"] if t["token"] == token]
         assert mine and mine[0]["type"] == "forward" and mine[0]["clients_count"] == 1, status
         assert (tmp_path / "state.db").is_file(), "--db made no database"
