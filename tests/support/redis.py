@@ -128,7 +128,7 @@ class RedisServer:
 
     # -- TLS --------------------------------------------------------------------------
     def _make_certificates(self) -> None:
-        trustme = pytest.importorskip("trustme")
+        import trustme  # a test dependency (pyproject.toml): missing is an error, not a skip
         ca = trustme.CA()
         cert = ca.issue_cert("127.0.0.1", "localhost")
         ca_file, cert_file, key_file = (self.workdir / n for n in ("ca.pem", "cert.pem", "key.pem"))
