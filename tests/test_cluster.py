@@ -153,3 +153,27 @@ def test_folding_the_other_nodes_counters_keeps_this_nodes_growth():
     assert user.flushed[:3] == (150, 260, 3)
     # what the next flush writes is this node's 10 bytes, nothing of the others'
     assert user.done_up - user.flushed[0] == 10
+
+
+async def test_downloads_through_both_nodes_at_once_stop_near_the_limit(tmp_path):
+    """Both nodes carry the same user at full speed: checkpoints make each flush and look
+    at the other's counters before it goes far, so the total passes the limit by little."""
+    async with AsyncExitStack() as stack:
+        one, two = await two_nodes(stack, tmp_path / "p.db")
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        hose = await serve_tcp(nursery, firehose_handler())
+        limit = 40 * MiB
+        key = (await one.create_user(name="cy", limit_bytes=limit))["key"]
+        await wait_until(lambda: key in two.plane.users and two.plane.users[key].nodes == 2,
+                         "node 2 to learn of the user and of node 1", 5)
+        await wait_until(lambda: one.plane.users[key].nodes == 2, "node 1 to see node 2", 5)
+        lives = [await live_download(nursery, await api.client(nursery, key), hose)
+                 for api in (one, two)]
+        with trio.fail_after(20):
+            for live in lives:
+                await live.ended.wait()
+        received = sum(live.received for live in lives)
+        # the documented bound: per node 1 MiB and what it carries while it writes its
+        # counters and reads the other's (here all four ends share one process and one core)
+        assert limit - 2 * MiB <= received <= limit + 2 * 12 * MiB, received / MiB
+        nursery.cancel_scope.cancel()

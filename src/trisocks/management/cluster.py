@@ -52,6 +52,7 @@ POLL = 0.1  # seconds between reads of the store's generation
 RESYNC = 1.0  # the other nodes' counters are read at least this often
 HEARTBEAT = 1.0  # seconds between heartbeats
 ALIVE = 5.0  # a node not heard of for this long is taken for gone
+URGENT_GAP = 0.01  # at least this long between two syncs asked for by checkpoints
 
 
 def fold_counters(meter: Meter, up: int, down: int, connections: int) -> None:
@@ -96,6 +97,9 @@ class Cluster:
         self.syncs = 0
         self._generation: int | None = None
         self._hooks_seen: list | None = None
+        # a user passed a checkpoint (model.UserAccount.charge): flush and re-read now
+        self._urgent = trio.Event()
+        self._last_urgent = -1.0
 
     # -- what the tunnel server and the API ask -------------------------------------------------
     def providers_elsewhere(self, token: str) -> list[str]:
@@ -142,10 +146,24 @@ class Cluster:
                 except StoreError:
                     pass  # its heartbeat ages out
 
+    def checkpoint_passed(self) -> None:
+        self._urgent.set()
+
     async def _follow(self) -> None:
         last = -RESYNC
         while True:
-            await trio.sleep(POLL)
+            with trio.move_on_after(POLL):
+                await self._urgent.wait()
+            if self._urgent.is_set():
+                # near a limit: our growth to the store, then everyone's back (at most every
+                # URGENT_GAP seconds, so a flood of users at their limits costs little)
+                self._urgent = trio.Event()
+                await trio.sleep(max(0.0, self._last_urgent + URGENT_GAP - trio.current_time()))
+                self._last_urgent = trio.current_time()
+                await self.loops.flush()
+                if await self.sync():
+                    last = trio.current_time()
+                continue
             try:
                 generation = await self.state.store.generation()
             except StoreError:
@@ -245,6 +263,7 @@ class Cluster:
     def _apply_users(self, records: list[UserRecord]) -> None:
         st = self.state
         stored = {r.id: r for r in records}
+        nodes = 1 + len(self.others)
         for user in list(st.users.values()):
             rec = stored.pop(user.id, None)
             if rec is None:
@@ -253,6 +272,10 @@ class Cluster:
                 self._update_user(user, rec)
         for rec in stored.values():  # created on another node
             self.loops.add_user(rec)
+        for user in st.users.values():
+            user.nodes = nodes
+            user.on_checkpoint = self.checkpoint_passed
+            user.place_checkpoint()
 
     def _drop_user(self, user: UserAccount) -> None:
         st = self.state

@@ -39,6 +39,8 @@ REASON_DISABLED = "disabled"
 REASON_EXPIRED = "expired"
 REASON_LIMIT = "traffic limit reached"
 
+CHECK_STEP = 1 << 20  # a cluster's node looks at the others' counters at least this often near a limit
+
 
 class Meter:
     """Bytes metered to one owner. Counters: finished channels (``done_*``) plus open ones."""
@@ -175,6 +177,7 @@ class UserAccount(Meter):
     safe_defaults = True
 
     __slots__ = (
+        "checkpoint",
         "created_at",
         "expires_at",
         "expiry_noted",
@@ -184,6 +187,8 @@ class UserAccount(Meter):
         "last_reset",
         "name",
         "next_reset",
+        "nodes",
+        "on_checkpoint",
         "on_hold_duration",
         "on_quota",
         "quota_noted",
@@ -212,6 +217,12 @@ class UserAccount(Meter):
         self.quota_noted = False  # on_quota was called for crossing the limit
         self.on_quota = None  # called once when the limit is found crossed
         self.expiry_noted = False
+        # A cluster (management/cluster.py) shares the limit between its nodes: ``nodes`` is
+        # how many there are (0: a lone server), and past ``checkpoint`` this node asks for
+        # the others' counters (``on_checkpoint``) before it goes much further.
+        self.nodes = 0
+        self.on_checkpoint = None
+        self.checkpoint = 0
         self.update_allow()
 
     def __repr__(self) -> str:
@@ -231,6 +242,30 @@ class UserAccount(Meter):
             return REASON_LIMIT
         return None
 
+    def charge(self, n: int) -> bool:
+        self.used += n
+        return self.used <= self.checkpoint or self._past_checkpoint()
+
+    def _past_checkpoint(self) -> bool:
+        if self.used > self.allow:
+            return False
+        if self.on_checkpoint is not None:
+            self.on_checkpoint()
+        self.place_checkpoint()
+        return True
+
+    def place_checkpoint(self) -> None:
+        """Where charge() next stops to look: at the limit on a lone server. In a cluster,
+        after a share of what is left, so that the nodes together pass the limit by little:
+        each goes at most half of what is left divided among them (at least CHECK_STEP)
+        before it has written its counters and read the others' (docs/scale-out.md)."""
+        allow = self.allow
+        if self.nodes < 2 or allow >= UNLIMITED or allow < 0:
+            self.checkpoint = allow
+            return
+        step = max(CHECK_STEP, (allow - self.used) // (2 * self.nodes))
+        self.checkpoint = min(allow, self.used + step)
+
     def update_allow(self, now: float | None = None) -> None:
         """Recompute what charge() lets through: nothing once disabled or expired."""
         reason = self.refuse_reason(now)
@@ -238,6 +273,7 @@ class UserAccount(Meter):
             self.allow = -1
         else:
             self.allow = self.limit_bytes if self.limit_bytes is not None else UNLIMITED
+        self.place_checkpoint()
 
     def reset(self) -> None:
         super().reset()
