@@ -367,3 +367,12 @@ async def test_a_bridged_channel_is_never_bridged_again(nursery, clean_logs):
     assert failure.value.code == socks5.NETWORK_UNREACHABLE  # "no provider available" from A
     assert b.server.nodes.opened == 1 and a.server.nodes.opened == 0
     assert len(a.server.nodes.incoming) == 1 and not b.server.nodes.incoming
+
+
+async def test_udp_associate_through_the_bridge(nursery, cluster):
+    from .test_modes import udp_echo, udp_roundtrips
+
+    a, b, provider = cluster
+    echo = await udp_echo(nursery)
+    await udp_roundtrips(b.socks_port, echo)
+    assert b.server.nodes.opened == 1 and len(a.server.nodes.incoming) == 1  # it went via A
