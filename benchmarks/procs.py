@@ -184,14 +184,26 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 
 def tree_pids(pgids: list[int]) -> list[int]:
+    """Every live process in the groups, and their descendants in groups of their own
+    (``trisocks server --workers N`` starts each worker in a process group of its own)."""
     wanted = set(pgids)
     pids = []
+    children: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         fields = _stat_fields(int(entry.name))
-        if fields is not None and int(fields[2]) in wanted:
+        if fields is None:
+            continue
+        if int(fields[2]) in wanted:
             pids.append(int(entry.name))
+        else:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    todo = list(pids)
+    while todo:
+        more = children.pop(todo.pop(), [])
+        pids += more
+        todo += more
     return pids
 
 
