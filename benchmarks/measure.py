@@ -157,20 +157,27 @@ class Target:
     entry_port: int
     nginx_port: int
     env: dict
+    # with several clients (run.py --clients N): each one's SOCKS5 port; stream or load
+    # generator i uses ports[i % N]
+    ports: tuple[int, ...] = ()
 
     def url(self, path: str) -> str:
         port = self.nginx_port if self.kind == "socks" else self.entry_port
         return f"http://127.0.0.1:{port}{path}"
 
-    def curl_args(self) -> list[str]:
+    def port(self, i: int = 0) -> int:
+        return self.ports[i % len(self.ports)] if self.ports else self.entry_port
+
+    def curl_args(self, i: int = 0) -> list[str]:
         if self.kind == "socks":
-            return ["--socks5-hostname", f"127.0.0.1:{self.entry_port}"]
+            return ["--socks5-hostname", f"127.0.0.1:{self.port(i)}"]
         return []
 
 
-def _curl_argv(curl: str, target: Target, extra: list[str], max_time: float) -> list[str]:
+def _curl_argv(curl: str, target: Target, extra: list[str], max_time: float,
+               i: int = 0) -> list[str]:
     return [curl, "-s", "-o", "/dev/null", "--max-time", f"{max_time:.0f}",
-            *target.curl_args(), "-w", CURL_FMT, *extra]
+            *target.curl_args(i), "-w", CURL_FMT, *extra]
 
 
 def _parse_curl(out: str) -> tuple[int, int, int, float, float]:
@@ -202,7 +209,7 @@ def curl_transfer(curl: str, target: Target, direction: str, payload: Payload,
             src = payload.big if streams == 1 else payload.part
             want = payload.size if streams == 1 else payload.part_size
             extra = ["-H", "Expect:", "-T", str(src), target.url("/upload")]
-        jobs.append((_curl_argv(curl, target, extra, _max_time(payload.size)), want))
+        jobs.append((_curl_argv(curl, target, extra, _max_time(payload.size), i), want))
     t0 = time.perf_counter()
     procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=target.env, stdin=subprocess.DEVNULL) for argv, _ in jobs]
@@ -296,25 +303,45 @@ def parse_hey_csv(text: str, n: int, wall: float) -> dict:
 
 
 def hey_rate(hey: str, target: Target, n: int, c: int) -> dict:
-    argv = [hey, "-n", str(n), "-c", str(c), "-disable-keepalive", "-t", "20", "-o", "csv"]
-    if target.kind == "socks":
-        argv += ["-x", f"socks5://127.0.0.1:{target.entry_port}"]
-    argv.append(target.url("/1k"))
+    """One hey; with several clients (``target.ports``) one hey per client at the same
+    time, sharing ``n`` and ``c``, their rows counted as one run."""
+    k = max(1, min(len(target.ports), c, n))
+    argvs = []
+    total = 0
+    for i in range(k):
+        share_n, share_c = n // k + (i < n % k), c // k + (i < c % k)
+        if k > 1:  # hey makes n // c requests per connection: ask for what it will do
+            share_n -= share_n % share_c
+        total += share_n
+        argv = [hey, "-n", str(share_n), "-c", str(share_c), "-disable-keepalive", "-t", "20",
+                "-o", "csv"]
+        if target.kind == "socks":
+            argv += ["-x", f"socks5://127.0.0.1:{target.port(i)}"]
+        argvs.append(argv + [target.url("/1k")])
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=target.env,
-                          timeout=max(120, n / 20), stdin=subprocess.DEVNULL, check=False)
-    res = parse_hey_csv(proc.stdout, n, time.perf_counter() - t0)
-    res["tool"] = "hey"
-    if proc.returncode != 0:
-        res["errors"] = n
-        res["note"] = proc.stderr.strip()[:300]
+    runs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=target.env, stdin=subprocess.DEVNULL) for argv in argvs]
+    try:
+        outs = [p.communicate(timeout=max(120, n / 20)) for p in runs]
+    finally:
+        for p in runs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    rows = [line for out, _ in outs for line in out.splitlines()[1:]]
+    res = parse_hey_csv("\n".join(["header", *rows]), total, time.perf_counter() - t0)
+    res["tool"] = "hey" if k == 1 else f"hey x{k}"
+    failed = [err.strip()[:300] for p, (_, err) in zip(runs, outs, strict=True) if p.returncode]
+    if failed:
+        res["errors"] = total
+        res["note"] = failed[0]
     return res
 
 
-async def _py_request(target: Target, timeout: float) -> float:
+async def _py_request(target: Target, timeout: float, i: int = 0) -> float:
     t0 = time.perf_counter()
     reader, writer = await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", target.entry_port), timeout)
+        asyncio.open_connection("127.0.0.1", target.port(i)), timeout)
     try:
         if target.kind == "socks":
             writer.write(b"\x05\x01\x00")
@@ -350,7 +377,7 @@ async def _py_rate(target: Target, n: int, c: int, timeout: float) -> dict:
         while remaining > 0:
             remaining -= 1
             try:
-                lat.append(await _py_request(target, timeout))
+                lat.append(await _py_request(target, timeout, remaining))
             except (OSError, TimeoutError, asyncio.IncompleteReadError, ProbeError):
                 errors += 1
 

@@ -25,6 +25,8 @@ Examples:
   make bench ARGS="--quick"                    # smaller payloads, same shape (< 2 min)
   .venv/bin/python benchmarks/run.py --quick --only socat,trio-relay,pywssocks,linksocks
   .venv/bin/python benchmarks/run.py --smoke   # trisocks-forward + trio-relay, seconds
+  # what --workers scales: 1 and 2 workers, several clients (one session per client)
+  .venv/bin/python benchmarks/run.py --quick --only trisocks-forward,trisocks-workers --clients 4
 """
 
 from __future__ import annotations
@@ -96,6 +98,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, help="concurrent requests (default 50)")
     p.add_argument("--idle-channels", type=int, help="idle channels to open (default 1000)")
     p.add_argument("--streams", type=int, default=8, help="parallel bulk streams (default 8)")
+    p.add_argument("--clients", type=int, default=1, metavar="N",
+                   help="trisocks-forward and trisocks-workers: N trisocks clients (N WebSocket "
+                        "sessions, N SOCKS5 ports); parallel streams and hey runs are spread "
+                        "over them (a session lives in one worker: workers scale with "
+                        "clients). Other systems: unchanged")
+    p.add_argument("--workers", type=int, default=2, metavar="N",
+                   help="trisocks-workers: the server's --workers (default 2)")
     p.add_argument("--payload", choices=["zero", "random"], default="zero",
                    help="payload bytes: zero-filled (default; the project's reference "
                         "figures and goals use it) or random (incompressible: peers that "
@@ -130,6 +139,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = set(args.groups) - {"bulk", "rate", "idle"}
     if bad:
         p.error(f"unknown group(s) {', '.join(sorted(bad))}")
+    if args.clients < 1 or args.workers < 1:
+        p.error("--clients and --workers must be 1 or more")
     if args.repeat < 1 or args.streams < 1 or args.size < args.streams:
         p.error("--repeat, --streams and the payload size must be positive")
     return args
@@ -149,7 +160,8 @@ class Progress:
 # ---- groups ---------------------------------------------------------------------------
 
 def _target(running: systems.Running, ctx: systems.Context) -> measure.Target:
-    return measure.Target(running.kind, running.entry_port, ctx.nginx_port, ctx.env())
+    return measure.Target(running.kind, running.entry_port, ctx.nginx_port, ctx.env(),
+                          tuple(running.info.get("entry_ports", ())))
 
 
 def run_bulk(system, ctx, args, payload, tools, say) -> dict:
@@ -264,6 +276,11 @@ def run_system(system, ctx, args, payload, tools, progress) -> dict:
         result["info"] = f"cipher {ctx.ss_cipher}"
     if system.name == "socat":
         result["info"] = f"socat -b {systems.Socat.buffer}"
+    if system.name == "trisocks-workers":
+        result["info"] = (f"server --workers {args.workers}; {args.clients} client(s); CPU and "
+                          "RSS: the supervisor and its workers")
+    elif system.name == "trisocks-forward" and args.clients > 1:
+        result["info"] = f"{args.clients} clients"
     if system.name == "trisocks-policy":
         result["info"] = (f"user with {len(policy_user.bench_rules([1]))} rules (the last allows "
                           f"the bench target), speed_up = speed_down = {policy_user.SPEED} B/s, "
@@ -482,7 +499,8 @@ def main(argv: list[str]) -> int:
         if not sink["ok"]:
             ilog.note(f"nginx upload sink did not read the whole body: {sink}")
         ctx = systems.Context(work=work, logdir=logdir, ports=ports, nginx_port=nginx_port,
-                              tools=tools, venvs=venvs)
+                              tools=tools, venvs=venvs, clients=args.clients,
+                              workers=args.workers)
 
         results: dict = {}
         ss_choice = None
@@ -525,6 +543,7 @@ def main(argv: list[str]) -> int:
         "profile": profile,
         "config": {"systems": args.systems, "groups": args.groups, "size": args.size,
                    "streams": args.streams, "payload": args.payload,
+                   "clients": args.clients, "workers": args.workers,
                    "requests": args.requests, "concurrency": args.concurrency,
                    "idle_channels": args.idle_channels, "repeat": args.repeat,
                    "order": "sequential" if args.sequential else "interleaved",

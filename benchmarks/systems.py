@@ -39,6 +39,8 @@ class Context:
     trisocks_bin: Path = REPO / ".venv" / "bin" / "trisocks"
     ss_cipher: str = "chacha20-ietf-poly1305"
     seq: int = 0
+    clients: int = 1  # trisocks-forward/-workers: clients, each its own SOCKS5 port (--clients)
+    workers: int = 2  # trisocks-workers: server --workers (run.py --workers)
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items()
@@ -145,18 +147,42 @@ class _Trisocks(System):
 
 
 class TrisocksForward(_Trisocks):
+    """With ``ctx.clients`` > 1 (run.py --clients N): N clients, each with its own WebSocket
+    session and SOCKS5 port; parallel streams and load generators are spread over them."""
+
     name = "trisocks-forward"
     description = "trisocks, forward mode: SOCKS5 on the client, server dials out"
     needs = ("server", "client")
+    server_flags: ClassVar[tuple[str, ...]] = ()
+
+    def server_extra(self, ctx: Context) -> list[str]:
+        return []
 
     def plan(self, ctx: Context, target_port: int) -> Plan:
-        ws, socks = ctx.ports.get(), ctx.ports.get()
+        ws = ctx.ports.get()
+        socks = [ctx.ports.get() for _ in range(max(1, ctx.clients))]
         tb = str(ctx.trisocks_bin)
-        return Plan([
-            Step("server", [tb, "server", "-H", "127.0.0.1", "-P", str(ws), "-t", ctx.token], ws),
-            Step("client", [tb, "client", "-u", f"ws://127.0.0.1:{ws}", "-t", ctx.token,
-                            "-s", "127.0.0.1", "-p", str(socks)], socks),
-        ], socks)
+        steps = [Step("server", [tb, "server", "-H", "127.0.0.1", "-P", str(ws), "-t", ctx.token,
+                                 *self.server_extra(ctx)], ws)]
+        for i, port in enumerate(socks):
+            steps.append(Step("client" if len(socks) == 1 else f"client{i}",
+                              [tb, "client", "-u", f"ws://127.0.0.1:{ws}", "-t", ctx.token,
+                               "-s", "127.0.0.1", "-p", str(port)], port))
+        return Plan(steps, socks[0], {"entry_ports": socks} if len(socks) > 1 else {})
+
+
+class TrisocksWorkers(TrisocksForward):
+    """trisocks-forward with the server as a supervisor of ``ctx.workers`` worker processes
+    sharing the port (--workers; CPU and RSS sum the supervisor and its workers). One client
+    is one WebSocket session, which lives in one worker: what the workers add shows with
+    several clients (run.py --clients N)."""
+
+    name = "trisocks-workers"
+    description = "trisocks, forward mode, server --workers 2 (a supervisor, 2 workers)"
+    needs_flags: ClassVar[dict[str, tuple[str, ...]]] = {"server": ("--workers",)}
+
+    def server_extra(self, ctx: Context) -> list[str]:
+        return ["--workers", str(ctx.workers)]
 
 
 class TrisocksPolicy(_Trisocks):
@@ -362,7 +388,8 @@ class TrioRelay(System):
         return f"trio {text}" if rc == 0 else None
 
 
-ALL_SYSTEMS: list[System] = [TrisocksForward(), TrisocksPolicy(), TrisocksReverse(),
+ALL_SYSTEMS: list[System] = [TrisocksForward(), TrisocksWorkers(), TrisocksPolicy(),
+                             TrisocksReverse(),
                              Pywssocks(), Linksocks(), Shadowsocks(), Microsocks(), Socat(),
                              TrioRelay()]
 BY_NAME = {s.name: s for s in ALL_SYSTEMS}
