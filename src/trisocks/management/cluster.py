@@ -203,7 +203,7 @@ class Cluster:
         self._apply_users(snap.users)
         if self.webhooks is not None and snap.webhooks != self._hooks_seen:
             self._hooks_seen = snap.webhooks
-            self.webhooks.follow(snap.webhooks)
+            self.webhooks.restore(snap.webhooks, follow=True)
         self.state.wake_enforcer()
 
     # -- tokens -------------------------------------------------------------------------------------

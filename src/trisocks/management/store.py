@@ -24,7 +24,6 @@ so an old or hand-edited file cannot break a listing or a start.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sqlite3
@@ -36,6 +35,7 @@ from typing import Protocol
 import msgspec
 import trio
 
+from .lock import lock_database, lock_path_of
 from .rows import (
     Counters,
     EventRecord,
@@ -116,11 +116,8 @@ class Store(Protocol):
     async def generation(self) -> int:
         """A number that changes with every committed put, delete or reset (not with flush)."""
 
-    async def put_node(self, node: NodeRecord) -> None:
-        """Create or replace this node's heartbeat row."""
-
-    async def nodes(self) -> list[NodeRecord]:
-        """Every node's last heartbeat, alive or not (the caller judges by ``seen_at``)."""
+    async def put_node(self, node: NodeRecord) -> None: ...  # create or replace a heartbeat
+    async def nodes(self) -> list[NodeRecord]: ...  # the last heartbeats (judge by seen_at)
 
     async def delete_node(self, node_id: str) -> None: ...
 
@@ -247,41 +244,6 @@ def _read(conn: sqlite3.Connection) -> Snapshot:
     hooks = [webhook_from_row(*row) for row in conn.execute(
         f"SELECT {','.join(_WEBHOOK_COLS)} FROM webhooks ORDER BY rowid")]
     return Snapshot(tokens, users, [], [h for h in hooks if h is not None])
-
-
-def lock_path_of(path: str | os.PathLike) -> Path:
-    # next to the real file, so that a symlink to the database finds the same lock
-    real = Path(path).resolve()
-    return real.with_name(real.name + ".lock")
-
-
-def lock_database(path: str | os.PathLike) -> int:
-    """Hold an exclusive flock on <db>.lock (until the returned descriptor is closed), or
-    raise StoreInUse. A server takes it for its database; the supervisor of workers takes
-    it once for all of them (they open the file ``shared``).
-
-    A separate file, because SQLite's own POSIX locks on the database must not be mixed
-    with ours; it is never removed (removing it would let two servers lock two different
-    files of the same name).
-    """
-    db = Path(path)
-    lock = lock_path_of(db)
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise StoreError(f"cannot create {lock}: {exc.strerror or exc}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        who = f"another trisocks server (pid {holder})" if holder.isdigit() else "another process"
-        raise StoreInUse(f"{db} is in use by {who}; stop that one first, or give this "
-                         "server a database of its own with --db FILE") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
 
 
 _BUMP = ("INSERT INTO meta (key, value) VALUES ('generation', '1') ON CONFLICT(key) DO UPDATE "

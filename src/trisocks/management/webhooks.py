@@ -1,13 +1,13 @@
 """Webhooks: events posted as signed JSON to URLs the operator chose (docs/api.md).
 
-From the API (kept in the store) or the configuration file (``replace_from_config``; the
-file is their source). :meth:`WebhookService.hear` hears every event (events.py): it queues
-it for each webhook that wants it and returns, with no await and no I/O, so whoever adds an
-event (the data path included) never waits. A task per webhook posts its queue in order,
-signed, retrying with a backoff that doubles from 1 s to 5 minutes; an event is given up
-after ``max_attempts`` or ``max_age``, a full queue drops its oldest. A ``user_updated``
-that disables, enables or expires a user is followed by ``user_disabled``,
-``user_enabled`` or ``user_expired``, so receivers need not parse its detail.
+From the API (kept in the store; in a cluster each node posts the events it sees) or the
+configuration file (``replace_from_config``). :meth:`WebhookService.hear` hears every event
+(events.py): it queues it for each webhook that wants it and returns, with no await and no
+I/O, so whoever adds an event (the data path included) never waits. A task per webhook
+posts its queue in order, signed, retrying with a backoff that doubles from 1 s to 5
+minutes; an event is given up after ``max_attempts`` or ``max_age``, a full queue drops its
+oldest. A ``user_updated`` that disables, enables or expires a user is followed by
+``user_disabled``, ``user_enabled`` or ``user_expired``: receivers need not parse its detail.
 """
 
 from __future__ import annotations
@@ -44,11 +44,9 @@ from .store import EventRecord
 log = logging.getLogger("trisocks.management.webhooks")
 
 # what a webhook gets when it names no events
-WEBHOOK_EVENTS = (
-    "quota_warning", "quota_exceeded", "user_expired", "user_disabled", "user_enabled",
-    "user_reset", "user_activated", "provider_joined", "provider_left",
-    "server_started", "server_stopping",
-)
+WEBHOOK_EVENTS = ("quota_warning", "quota_exceeded", "user_expired", "user_disabled",
+                  "user_enabled", "user_reset", "user_activated", "provider_joined",
+                  "provider_left", "server_started", "server_stopping")
 MAX_QUEUE, MAX_AGE = 1000, 3600.0  # events per webhook; seconds before one is given up
 MAX_ATTEMPTS = 12  # 1+2+4+...+256+300+300 s: about 18 minutes of trying
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 300.0
@@ -416,24 +414,19 @@ class WebhookService:
     def _rewant(self) -> None:
         self._wanted = frozenset().union(*(h.wanted for h in self.hooks.values()))
 
-    def restore(self, records: list[WebhookRecord]) -> None:
+    def restore(self, records: list[WebhookRecord], *, follow: bool = False) -> None:
+        """Install stored webhooks; ``follow``: drop those another node's API removed."""
+        gone = {n for n, h in self.hooks.items() if h.origin == "api"} - {r.name for r in records}
+        for name in gone if follow else ():
+            self._uninstall(name)
         for rec in records:
             try:
-                config = checked(Webhook(url=rec.url, secret=rec.secret, events=rec.events,
-                                         name=rec.name))
+                config = checked(Webhook(url=rec.url, secret=rec.secret, events=rec.events, name=rec.name))
             except InvalidField as exc:
                 log.warning("stored webhook %r not restored: %s", rec.name, exc.message)
                 continue
             if rec.name not in self.hooks:
                 self._install(config, "api", rec.created_at)
-
-    def follow(self, records: list[WebhookRecord]) -> None:
-        """The stored webhooks changed on another node of a cluster: install what is new,
-        drop what that node's API removed (each node posts the events it sees)."""
-        names = {rec.name for rec in records}
-        for name in [n for n, h in self.hooks.items() if h.origin == "api" and n not in names]:
-            self._uninstall(name)
-        self.restore(records)
 
     def list(self) -> WebhookList:
         return WebhookList(webhooks=[hook.view() for hook in self.hooks.values()])
