@@ -209,9 +209,11 @@ class Authenticator:
         whose channels go to this node's providers only. Internal: no account, no per-token
         caps or channel group, no events, not among ``sessions`` (the API's clients)."""
         nodes = self.nodes
-        if len(nodes.incoming) >= MAX_INCOMING or service.stopped:
-            log.warning("bridge from %s refused: %s", peer,
-                        "token removed" if service.stopped else "too many bridge sessions")
+        if service.stopped:
+            await self._refuse(transport, "invalid token")
+            return
+        if len(nodes.incoming) >= MAX_INCOMING:
+            log.warning("bridge from %s refused: too many bridge sessions", peer)
             await self._refuse(transport, "too many sessions for this token")
             return
         decoder = Decoder(expect_masked=True, max_message=self.config.max_message,
