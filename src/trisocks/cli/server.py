@@ -28,6 +28,7 @@ from .common import (
     usage_error,
     warn_secret_on_argv,
 )
+from .workers import SECRET_ENV, worker_id
 
 
 def add_parser(sub) -> None:
@@ -215,17 +216,6 @@ def _secrets(args) -> None:
         args.connector_token = list(dict.fromkeys([*(args.connector_token or []), *more]))
     warn_secret_on_argv(args, "connector_token", "--connector-token-file",
                         "TRISOCKS_CONNECTOR_TOKEN")
-
-
-# set by the supervisor of `--workers N` in each worker's environment (cli/workers.py)
-WORKER_ENV = "TRISOCKS_WORKER_ID"
-SECRET_ENV = "TRISOCKS_CLUSTER_SECRET"
-
-
-def worker_id() -> int | None:
-    """This process's number among the workers of a supervisor; None for a lone server."""
-    raw = os.environ.get(WORKER_ENV)
-    return int(raw) if raw and raw.isdigit() else None
 
 
 def worker_count(args) -> int:

@@ -42,7 +42,17 @@ from dataclasses import dataclass
 import trio
 
 from ..net.notify import Notifier
-from .server import SECRET_ENV, WORKER_ENV
+
+# set by the supervisor in each worker's environment (cli/server.py reads them)
+WORKER_ENV = "TRISOCKS_WORKER_ID"
+SECRET_ENV = "TRISOCKS_CLUSTER_SECRET"
+
+
+def worker_id() -> int | None:
+    """This process's number among the workers of a supervisor; None for a lone server."""
+    raw = os.environ.get(WORKER_ENV)
+    return int(raw) if raw and raw.isdigit() else None
+
 
 log = logging.getLogger("trisocks.supervisor")
 
