@@ -360,6 +360,12 @@ def open_page(driver, base: str, page: str) -> None:
     wait(driver, lambda d: text_of(d, "main h1").lower() == page, f"the {page} page")
 
 
+def rows(driver, css: str, name: str) -> list[str]:
+    """The data-``name`` of every match, read at once (no element can go stale meanwhile)."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(arguments[0])].map(e => e.dataset[arguments[1]])", css, name)
+
+
 def text_of(driver, css: str) -> str:
     """The text of the first match ("" when none; the pages redraw every 2 s)."""
     return attr(driver, css, None) or ""
@@ -454,7 +460,7 @@ def test_browser_user_traffic_qr_and_disable(browser, server, module_procs, payl
                              timeout=30)
     link = f"{base}/api/subscribe/{alice['key']}"
     assert decoded.stdout.strip() == link, decoded
-    assert find(browser, "#user-link").get_attribute("value") == link
+    assert text_of(browser, "#user-link") == link
     assert httpx.get(link, trust_env=False).json()["token"] == alice["key"]
     shoot(browser, "user")
     shoot(browser, "user-charts", at="#user-detail .two")
@@ -494,16 +500,14 @@ def test_browser_screenshots_of_every_page(browser, server):
     from selenium.webdriver.support.ui import Select
 
     Select(find(browser, "#event-type")).select_by_value("token_added")
-    wait(browser, lambda d: find(d, "#event-table tbody") and all(
-        r.get_attribute("data-type") == "token_added"
-        for r in d.find_elements("css selector", "#event-table tbody tr")), "only token_added events")
+    wait(browser, lambda d: set(rows(d, "#event-table tbody tr", "type")) == {"token_added"},
+         "only token_added events")
     # the users' search
     browser.get(f"{base}/ui/#users")
     wait(browser, lambda d: find(d, 'tr[data-user="carol"]'), "carol in the table")
     shoot(browser, "users")
     find(browser, "#user-search").send_keys("carol")
-    wait(browser, lambda d: [attr(d, "#user-table tbody tr", "data-user")] == ["carol"] and len(
-        d.find_elements("css selector", "#user-table tbody tr")) == 1, "carol alone in the table")
+    wait(browser, lambda d: rows(d, "#user-table tbody tr", "user") == ["carol"], "carol alone in the table")
 
 
 def test_browser_log_out_and_an_ended_session(browser, server):

@@ -14,8 +14,23 @@ export function setCsrf(token) {
   csrf = token;
 }
 
+let leaving = false; // set once the page goes to the login form: later 401s change nothing
+
 export function toLogin(reason = "expired") {
+  if (leaving) return;
+  leaving = true;
   window.location.assign(`/ui/login?m=${reason}`);
+}
+
+// log-out: polls answered 401 meanwhile must not say "expired" instead
+export async function logout() {
+  leaving = true;
+  try {
+    await api("POST", "/ui/logout");
+  } catch (err) {
+    // an ended session is logged out already
+  }
+  window.location.assign("/ui/login?m=logout");
 }
 
 export async function api(method, path, body) {

@@ -1,7 +1,7 @@
 // The dashboard's shell: the session, the pages (one per #hash), polling every 2 s,
 // the health banner, messages, log-out.
 
-import { api, get, setCsrf, toLogin, ApiError } from "./api.js";
+import { get, logout, setCsrf, toLogin, ApiError } from "./api.js";
 import { when } from "./util.js";
 import * as overview from "./overview.js";
 import * as users from "./users.js";
@@ -93,7 +93,10 @@ async function tick() {
   }
   busy = true;
   try {
-    await Promise.all([health(), PAGES[current].refresh(ctx)]);
+    const [stats] = await Promise.all([get("/api/stats"), health()]);
+    ctx.stats = stats;
+    overview.record(stats);
+    await PAGES[current].refresh(ctx);
   } catch (err) {
     if (!(err instanceof ApiError && err.status === 401)) {
       console.warn("refresh failed", err);
@@ -114,14 +117,7 @@ async function start() {
   setCsrf(ctx.session.csrf_token);
   document.getElementById("session-info").textContent =
     `Session until ${when(ctx.session.expires_at)}`;
-  document.getElementById("logout").addEventListener("click", async () => {
-    try {
-      await api("POST", "/ui/logout");
-    } catch (err) {
-      // an ended session is logged out already
-    }
-    toLogin("logout");
-  });
+  document.getElementById("logout").addEventListener("click", logout);
   window.addEventListener("hashchange", route);
   route();
 }

@@ -41,15 +41,21 @@ function card(label, value, sub, id) {
     sub ? el("div", { class: "small muted", text: sub }) : null);
 }
 
-export async function refresh() {
-  const [stats, server, health] = await Promise.all([
-    get("/api/stats"), get("/api/server/status"),
+// every tick, whatever page is shown (app.js): the chart covers the last minutes even
+// when the overview was not open
+export function record(stats) {
+  up.count(stats.totals.bytes_up);
+  down.count(stats.totals.bytes_down);
+}
+
+export async function refresh(ctx) {
+  const stats = ctx.stats;
+  const [server, health] = await Promise.all([
+    get("/api/server/status"),
     fetch("/healthz", { cache: "no-store" }).then((r) => r.json()).catch(() => null),
   ]);
   if (!parts) return;
   const t = stats.totals;
-  up.count(t.bytes_up);
-  down.count(t.bytes_down);
   const online = stats.users.filter((u) => u.clients > 0).length;
   const ok = health && health.status === "ok";
   replace(parts.cards,

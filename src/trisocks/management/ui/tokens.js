@@ -53,8 +53,9 @@ export function mount(main, context) {
     el("section", { class: "panel", "aria-labelledby": "nt-h" }, el("h2", { id: "nt-h", text: "Add a token" }), form));
 }
 
-export async function refresh() {
-  const [status, stats] = await Promise.all([get("/api/status"), get("/api/stats")]);
+export async function refresh(ctx) {
+  const status = await get("/api/status");
+  const stats = ctx.stats;
   if (!parts) return;
   const info = new Map(status.tokens.map((t) => [t.token, t]));
   const rows = stats.tokens;

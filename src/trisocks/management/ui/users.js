@@ -288,8 +288,7 @@ async function refreshDetail() {
       el("img", { src: link.qr, alt: `QR code of the subscription link of ${user.name}`, class: "qr",
         id: "user-qr" }),
       el("p", { class: "small muted", text: "Subscription link (trisocks client --subscribe, or a panel-aware client):" }),
-      el("input", { readonly: true, class: "mono", id: "user-link", value: link.url,
-        "aria-label": "Subscription link", onfocus: (ev) => ev.target.select() }),
+      el("code", { class: "link", id: "user-link", text: link.url }),
       link.share_link ? el("p", { class: "small muted" }, "Share link: ", el("code", { text: link.share_link })) : null);
   }
 }
