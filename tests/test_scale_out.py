@@ -134,9 +134,10 @@ def test_three_nodes_on_one_redis(cluster, procs, payload_server):
     assert one.api("PATCH", f"/api/users/{key}", json={"status": "active"}).status_code == 200
     wait(lambda: three.user(key)["status"] == "active", "node 3 to enable ann", 1.0)
     wait(lambda: not any(n.user(key)["connections"] for n in (one, two, three)), "channels to end")
-    # the disabled clients back off for 30 s: fresh ones, through nodes 1 and 3
-    socks = [f"{HOST}:{start_trisocks_client(procs, f'ws://{HOST}:{n.port}', key, name=f'again-{n.name}').port}"
+    # the disabled clients back off for 30 s: fresh ones
+    again = [start_trisocks_client(procs, f"ws://{HOST}:{n.port}", key, name=f"again-{n.name}")
              for n in (one, two, three)]
+    socks = [f"{HOST}:{c.port}" for c in again]
     base = one.user(key)
     base_down = wait(lambda: _settled([one, two, three], key), "the nodes to agree")
     redis.stop()
