@@ -10,6 +10,7 @@ lean Trio relay), which forward to a fixed target (nginx, or the idle server).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -219,6 +220,34 @@ class TrisocksPolicy(_Trisocks):
         ], socks)
 
 
+class TrisocksRedis(TrisocksPolicy):
+    """trisocks-policy with its state in Redis (``--store redis://``, docs/scale-out.md)
+    instead of the SQLite file: a fresh redis-server per start, whose CPU and memory count
+    with the system's, so the figures say what the shared store costs in all."""
+
+    name = "trisocks-redis"
+    description = ("trisocks-policy with --store redis:// (a local redis-server, counted "
+                   "with the system)")
+    needs_flags: ClassVar[dict[str, tuple[str, ...]]] = {"server": ("--api-key", "--store",
+                                                                    "--allow")}
+
+    def unavailable(self, ctx: Context) -> str | None:
+        if shutil.which("redis-server") is None:
+            return "redis-server not found (make tools installs it)"
+        return super().unavailable(ctx)
+
+    def plan(self, ctx: Context, target_port: int) -> Plan:
+        plan = super().plan(ctx, target_port)
+        port = ctx.ports.get()
+        server = plan.steps[0].argv
+        at = server.index("--db")
+        server[at:at + 2] = ["--store", f"redis://127.0.0.1:{port}/0"]
+        redis = Step("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(port),
+                               "--save", "", "--appendonly", "no", "--dir", str(ctx.logdir)],
+                     port)
+        return Plan([redis, *plan.steps], plan.entry_port, plan.info)
+
+
 class TrisocksReverse(_Trisocks):
     name = "trisocks-reverse"
     description = "trisocks, reverse mode: SOCKS5 on the server, provider dials out"
@@ -389,7 +418,7 @@ class TrioRelay(System):
 
 
 ALL_SYSTEMS: list[System] = [TrisocksForward(), TrisocksWorkers(), TrisocksPolicy(),
-                             TrisocksReverse(),
+                             TrisocksRedis(), TrisocksReverse(),
                              Pywssocks(), Linksocks(), Shadowsocks(), Microsocks(), Socat(),
                              TrioRelay()]
 BY_NAME = {s.name: s for s in ALL_SYSTEMS}
