@@ -6,9 +6,12 @@ again loses no count; a provider on node 1 serves SOCKS5 clients entering node 2
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +21,7 @@ from .support.payload import payload_sha256
 from .support.peers import HOST, start_trisocks_client, start_trisocks_provider
 from .support.procs import free_port
 from .support.redis import start_redis
-from .support.tools import clean_env, trisocks_cmd
+from .support.tools import clean_env, require_tool, trisocks_cmd
 
 _READY = re.compile(r"(?<!proxy )listening on 127\.0\.0\.1:(\d+)")
 REV = "rev-scale-out-token"
@@ -200,3 +203,65 @@ def _providers(node: Node) -> dict:
             for token, count in n["providers"].items():
                 out[token] = out.get(token, 0) + count
     return out
+
+
+def _doc_block(name: str) -> str:
+    text = (Path(__file__).parent.parent / "docs" / "scale-out.md").read_text()
+    match = re.search(rf"<!-- test: {name} -->\n```\w*\n(.*?)```", text, re.S)
+    assert match, f"docs/scale-out.md has no block marked {name}"
+    return match.group(1)
+
+
+def test_the_guides_nginx_spreads_clients_over_the_nodes(cluster, procs, tmp_path, payload_server):
+    """docs/scale-out.md's nginx configuration in front of the three nodes: clients through
+    it land on several nodes and all of them work, with no affinity."""
+    _, nodes = cluster
+    nginx = require_tool("nginx")
+    site = _doc_block("scale-out-nginx")
+    for n, node in enumerate(nodes, 1):
+        site = site.replace(f"10.0.0.{n}:8765", f"{HOST}:{node.port}")
+    port = free_port()
+    site = site.replace("listen 80;", f"listen {HOST}:{port};")
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    user_line = "user root root;" if os.geteuid() == 0 else ""
+    conf = prefix / "nginx.conf"
+    conf.write_text(f"""worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+{user_line}
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+{site}
+}}
+""")
+    checked = subprocess.run([nginx, "-t", "-p", str(prefix), "-c", str(conf)],
+                             capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+    procs.start([nginx, "-p", str(prefix), "-c", str(conf)], name="nginx").wait_for_port(port)
+
+    # the API on a node itself (through the balancer it is a remote caller: 403)
+    assert http("GET", f"http://{HOST}:{port}/api/users").status_code == 403
+    key = nodes[2].api("POST", "/api/users", json={"name": "via-lb"}).json()["key"]
+    clients = [start_trisocks_client(procs, f"ws://{HOST}:{port}", key, name=f"lb-client-{i}")
+               for i in range(6)]
+    for c in clients:
+        res = curl(payload_server.url("/bytes/200000"), socks=f"{HOST}:{c.port}")
+        res.check(200)
+        assert res.sha256 == payload_sha256(200_000)
+    cluster_view = wait(lambda: _all_sessions(nodes[0], 6), "the six sessions in /api/cluster")
+    busy = [n for n in cluster_view["nodes"] if n["sessions"]]
+    assert len(busy) >= 2, cluster_view  # round robin: never all on one node
+    wait(lambda: nodes[1].user(key)["clients"] == 6, "node 2 to count the six clients", 5)
+
+
+def _all_sessions(node: Node, n: int) -> dict | None:
+    view = node.api("GET", "/api/cluster").json()
+    return view if view["sessions"] == n else None
