@@ -177,3 +177,16 @@ async def test_downloads_through_both_nodes_at_once_stop_near_the_limit(tmp_path
         # counters and reads the other's (here all four ends share one process and one core)
         assert limit - 2 * MiB <= received <= limit + 2 * 12 * MiB, received / MiB
         nursery.cancel_scope.cancel()
+
+
+async def test_the_bridge_prefix_is_refused_for_users_and_tokens():
+    """`~node~` names node bridges (tunnel/nodes.py): the API refuses it for a user's key and
+    a token with a 400 naming why, and stores nothing (it once answered 500 after storing)."""
+    async with running_api() as api:
+        r = await api.post("/api/users", json={"name": "x", "key": "~node~abcdefghijklmnop"})
+        assert r.status_code == 400 and "reserved for node bridges" in r.json()["error"]
+        r = await api.post("/api/token", json={"type": "forward", "token": "~node~abc"})
+        assert r.status_code == 400 and "reserved for node bridges" in r.json()["error"]
+        assert (await api.get("/api/users")).json()["total"] == 0
+        assert all(not t["token"].startswith("~node~")
+                   for t in (await api.get("/api/status")).json()["tokens"])

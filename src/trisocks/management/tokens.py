@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 from .._version import __version__
-from ..tunnel.tokens import CONNECTOR, FORWARD, RESERVED, REVERSE, TokenInfo, generate, redact
+from ..tunnel.tokens import CONNECTOR, FORWARD, REVERSE, TokenInfo, generate, redact, refused_name
 from . import schemas as s
 from .errors import Conflict, Invalid, InvalidField, NotFound, Unavailable
 from .model import TokenMeter, UserAccount
@@ -56,10 +56,9 @@ class TokenService:
         if kind == CONNECTOR and not req.reverse_token:
             raise Invalid("reverse_token is required for connector token")
         token = req.token or generate()
-        if token == RESERVED:
-            raise Invalid(f"'{RESERVED}' is reserved and cannot be used as a token")
-        if len(token.encode()) > 255:
-            raise Invalid("a token must be 1 to 255 bytes long")
+        reason = refused_name(token)
+        if reason is not None:
+            raise Invalid(reason)
         if kind == REVERSE and bool(req.username) != bool(req.password):
             raise Invalid("username and password go together")
         for name in ("username", "password"):  # SOCKS5 carries 255 bytes at most

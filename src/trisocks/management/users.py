@@ -14,7 +14,7 @@ from collections import Counter
 
 from .._version import __version__
 from ..policy import spec
-from ..tunnel.tokens import FORWARD, RESERVED, TokenInfo, generate
+from ..tunnel.tokens import FORWARD, TokenInfo, generate, refused_name
 from . import schemas as s
 from .dates import rfc3339
 from .errors import Conflict, Invalid, NotFound
@@ -105,8 +105,9 @@ class UserService:
         user_id = secrets.token_hex(8)
         key = req.key if req.key is not s.UNSET else new_user_key()
         name = req.name if req.name is not s.UNSET else f"user-{user_id[:8]}"
-        if key == RESERVED:
-            raise Invalid(f"'{RESERVED}' is reserved and cannot be used as a key")
+        reason = refused_name(key, "key")
+        if reason is not None:
+            raise Invalid(reason)
         async with st.lock:
             if key in st.users or st.tokens.get(key) is not None:
                 raise Conflict("key already exists")

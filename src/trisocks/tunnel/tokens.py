@@ -60,6 +60,17 @@ class TokenInfo:
     account: object = None
 
 
+def refused_name(token: str, what: str = "token") -> str | None:
+    """Why ``token`` cannot be a token (or a user's key, ``what="key"``); None: it can."""
+    if token == RESERVED:
+        return f"'{RESERVED}' is reserved and cannot be used as a {what}"
+    if not token or len(token.encode()) > 255:
+        return f"a {what} must be 1 to 255 bytes long"
+    if token.startswith(BRIDGE_PREFIX):
+        return f"{what}s starting with {BRIDGE_PREFIX!r} are reserved for node bridges"
+    return None
+
+
 class TokenTable:
     def __init__(self) -> None:
         self._by_digest: dict[str, TokenInfo] = {}
@@ -71,12 +82,9 @@ class TokenTable:
         return iter(list(self._by_digest.values()))
 
     def add(self, info: TokenInfo) -> TokenInfo:
-        if info.token == RESERVED:
-            raise ValueError(f"'{RESERVED}' is reserved and cannot be used as a token")
-        if not info.token or len(info.token.encode()) > 255:
-            raise ValueError("a token must be 1 to 255 bytes long")
-        if info.token.startswith(BRIDGE_PREFIX):
-            raise ValueError(f"tokens starting with {BRIDGE_PREFIX!r} are reserved for node bridges")
+        reason = refused_name(info.token)
+        if reason is not None:
+            raise ValueError(reason)
         key = digest(info.token)
         existing = self._by_digest.get(key)
         if existing is not None and existing.kind != info.kind:
