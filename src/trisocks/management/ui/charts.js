@@ -35,10 +35,11 @@ function niceMax(v) {
   return steps.find((s) => s >= m) * p;
 }
 
-// series: [{name, cls, values: [number]}], all of one length; newest last
-export function lineChart({ series, height = 180, label, format, span }) {
+// series: [{name, cls, values: [number]}], all of one length; newest last. slots: how many
+// samples the width stands for (the span's), so a page open for 10 s fills only the right end.
+export function lineChart({ series, height = 180, label, format, span, slots = 0 }) {
   const svg = frame(height, label);
-  const n = Math.max(2, ...series.map((s) => s.values.length));
+  const n = Math.max(2, slots, ...series.map((s) => s.values.length));
   const max = niceMax(Math.max(0, ...series.flatMap((s) => s.values)));
   const h = height - PAD.top - PAD.bottom;
   const x = (i, len) => PAD.left + ((W - PAD.left - PAD.right) * (n - len + i)) / (n - 1);

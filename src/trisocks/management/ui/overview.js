@@ -74,7 +74,7 @@ export async function refresh(ctx) {
   );
   replace(parts.chart, lineChart({
     series: [{ cls: "down", values: down.values }, { cls: "up", values: up.values }],
-    label: "Throughput over the last 5 minutes", format: rate, span: "5 min ago",
+    label: "Throughput over the last 5 minutes", format: rate, span: "5 min ago", slots: KEEP,
   }));
   const reverse = stats.tokens.filter((x) => x.type === "reverse");
   replace(parts.providers, reverse.length

@@ -266,7 +266,7 @@ async function refreshDetail() {
   s.up.count(user.bytes_up);
   s.down.count(user.bytes_down);
   replace(d.liveChart, lineChart({ series: [{ cls: "down", values: s.down.values }, { cls: "up", values: s.up.values }],
-    label: `Throughput of ${user.name} over the last 5 minutes`, format: rate, span: "5 min ago", height: 140 }));
+    label: `Throughput of ${user.name} over the last 5 minutes`, format: rate, span: "5 min ago", height: 140, slots: 150 }));
   const hourMs = 3600 * 1000;
   const now = Date.now();
   const from = new Date(Math.floor(now / hourMs) * hourMs - 23 * hourMs);
