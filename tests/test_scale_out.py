@@ -265,3 +265,27 @@ http {{
 def _all_sessions(node: Node, n: int) -> dict | None:
     view = node.api("GET", "/api/cluster").json()
     return view if view["sessions"] == n else None
+
+
+def test_workers_share_a_reverse_port_and_reach_one_provider(procs, tmp_path, payload_server):
+    """`--workers 2 -r`: the reverse token's SOCKS5 port is bound by both workers; the one
+    provider is on one of them, and connections the kernel gives the other are bridged (20
+    of them: all on the provider's worker has a chance of one in a million)."""
+    port, socks = free_port(), free_port()
+    argv = [*trisocks_cmd(), "server", "-H", HOST, "-P", str(port), "--workers", "2", "-k", KEY,
+            "--db", str(tmp_path / "w.db"), "-r", "-t", REV, "-p", str(socks), "-i"]
+    server = procs.start(argv, name="workers", env=clean_env())
+    server.wait_for_log("2 workers", 30.0)
+    provider = start_trisocks_provider(procs, f"ws://{HOST}:{port}", REV)
+
+    def provider_known():
+        nodes = http("GET", f"http://{HOST}:{port}/api/cluster").json()["nodes"]
+        return len(nodes) == 2 and sum(n["providers"].get(REV, 0) for n in nodes) == 1
+    wait(provider_known, "both workers to know where the provider is", 5)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: curl(payload_server.url(f"/bytes/{MiB}?seed={i}"),
+                                               socks=f"{HOST}:{socks}"), range(20)))
+    for i, res in enumerate(results):
+        res.check(200)
+        assert res.sha256 == payload_sha256(MiB, seed=i), i
+    assert provider.alive()
