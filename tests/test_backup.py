@@ -92,6 +92,11 @@ def test_backup_of_a_running_server_and_a_restore(procs, tmp_path, payload_serve
     wait_until(lambda: rows(db, "SELECT bytes_down FROM users WHERE name = 'alice'")[0][0]
                == live["alice"]["bytes_down"], "alice's counters in the database")
     stats = {t["token"]: t for t in http("GET", f"{base}/api/stats").json()["tokens"]}
+    # ...and the token's, whose traffic came after alice's (a flush may have taken hers alone)
+    wait_until(lambda: rows(db, "SELECT bytes_up, bytes_down FROM tokens WHERE token = "
+                                "'fwd-backup-0001'")[0] == (stats["fwd-backup-0001"]["bytes_up"],
+                                                           stats["fwd-backup-0001"]["bytes_down"]),
+               "the token's counters in the database")
 
     # back up while the API keeps writing (users created in a loop)
     stop = threading.Event()
