@@ -289,3 +289,21 @@ def test_workers_share_a_reverse_port_and_reach_one_provider(procs, tmp_path, pa
         res.check(200)
         assert res.sha256 == payload_sha256(MiB, seed=i), i
     assert provider.alive()
+
+
+def test_a_store_that_cannot_be_used_is_one_clear_line():
+    """No Redis where --store points: exit 1 with the URL and what to check; a store URL of
+    an unknown kind or a malformed one: a usage error (exit 2) naming it."""
+    dead = f"redis://{HOST}:{free_port()}/0"
+    base = [*trisocks_cmd(), "server", "-H", HOST, "-P", "0", "-k", KEY]
+    done = subprocess.run([*base, "--store", dead], capture_output=True, text=True, timeout=30,
+                          env=clean_env())
+    assert done.returncode == 1, done.stderr
+    assert f"store: {dead}: connection refused (is Redis running" in done.stderr
+    assert "Traceback" not in done.stderr
+    for url, said in (("memcache://x", "expected redis://, rediss://, unix://"),
+                      ("redis://:x@127.0.0.1:notaport/0", "--store")):
+        done = subprocess.run([*base, "--store", url], capture_output=True, text=True,
+                              timeout=30, env=clean_env())
+        assert done.returncode == 2 and said in done.stderr, (url, done.stderr)
+        assert "Traceback" not in done.stderr and ":x@" not in done.stderr

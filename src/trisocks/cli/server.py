@@ -461,12 +461,15 @@ def cmd_server(args) -> int:
 
         management.reloader = Reloader(args.config, args._parser, getattr(args, "_argv", sys.argv[1:]),
                                        args, management, cfg)
-    from ..management import StoreError
+    from ..management import SQLiteStore, StoreError
 
     try:
         trio.run(_run_plane, management, cfg.webhooks if cfg is not None else [])
     except StoreError as exc:
-        log.error("database: %s", exc)
+        if management.store.shared and not isinstance(management.store, SQLiteStore):
+            log.error("store: %s (is Redis running, and is --store right?)", exc)
+        else:
+            log.error("database: %s", exc)
         return 1
     return 0
 
