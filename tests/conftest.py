@@ -20,7 +20,7 @@ import pytest
 
 from .support import peers
 from .support.payload import PayloadServer
-from .support.procs import ProcessFactory, kill_all_live
+from .support.procs import clean_processes, kill_all_live
 
 
 def pytest_configure(config) -> None:
@@ -43,14 +43,7 @@ def procs(tmp_path):
     Whatever happened, a trisocks process must never have dumped a traceback: failures are
     one clear log line each.
     """
-    factory = ProcessFactory(tmp_path / "logs")
-    try:
-        yield factory
-        for proc in factory.processes:
-            if proc.name.startswith("trisocks"):
-                assert "Traceback" not in proc.output(), f"traceback in a log\n{proc.describe()}"
-    finally:
-        factory.close()
+    yield from clean_processes(tmp_path / "logs")
 
 
 @pytest.fixture

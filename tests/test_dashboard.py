@@ -29,7 +29,7 @@ from trisocks.management.ui_session import MAX_REVOKED, SessionRefused, Sessions
 from .api_support import KEY, running_api, start_api_server
 from .support.curl import curl
 from .support.peers import start_trisocks_client
-from .support.procs import ProcessFactory
+from .support.procs import clean_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / ".screenshots"
@@ -45,14 +45,7 @@ SESSION_SECONDS = 12 * 3600
 def module_procs(tmp_path_factory):
     """The module's processes (one server for every test here); no trisocks log may hold a
     traceback, whatever the tests sent it."""
-    factory = ProcessFactory(tmp_path_factory.mktemp("dashboard-logs"))
-    try:
-        yield factory
-        for proc in factory.processes:
-            if proc.name.startswith("trisocks"):
-                assert "Traceback" not in proc.output(), f"traceback in a log\n{proc.describe()}"
-    finally:
-        factory.close()
+    yield from clean_processes(tmp_path_factory.mktemp("dashboard-logs"))
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,7 @@ from trisocks.management.store import SCHEMA_VERSION
 
 from .api_support import KEY, http
 from .support.curl import curl
+from .support.nginx import start_nginx
 from .support.peers import start_trisocks_client
 from .support.procs import POLL, free_port, port_open
 from .support.tools import clean_env, missing, require_tool
@@ -535,7 +536,7 @@ def test_version_exit_codes_and_kernel_settings(scene):
 
 
 def test_behind_nginx_the_client_address_is_the_real_one(scene, procs, payload_server):
-    nginx = require_tool("nginx")
+    require_tool("nginx")  # before the server starts: without nginx the test fails or skips at once
     subs = {"TRISOCKS_TRUSTED_PROXY=127.0.0.1": f"TRISOCKS_TRUSTED_PROXY={NGINX_FROM}"}
     scene.write_env_file("proxy-env", subs=subs)
     scene.systemctl("start")
@@ -545,33 +546,8 @@ def test_behind_nginx_the_client_address_is_the_real_one(scene, procs, payload_s
     make_cert(live, "proxy", 30)
     nginx_port = free_port()
     site = scene.block("nginx-site").replace("listen 443 ssl;", f"listen 127.0.0.1:{nginx_port} ssl;")
-    prefix = scene.tmp / "nginx"
-    prefix.mkdir()
-    conf = prefix / "nginx.conf"
-    user_line = "user root root;" if os.geteuid() == 0 else ""
-    conf.write_text(f"""worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-{user_line}
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
     # the test's own: nginx connects to trisocks from another address than the client's
-    proxy_bind {NGINX_FROM};
-{site}
-}}
-""")
-    checked = subprocess.run([nginx, "-t", "-p", str(prefix), "-c", str(conf)], capture_output=True,
-                             text=True, timeout=30)
-    assert checked.returncode == 0, checked.stderr
-    proc = procs.start([nginx, "-p", str(prefix), "-c", str(conf)], name="nginx")
-    proc.wait_for_port(nginx_port)
+    start_nginx(procs, scene.tmp / "nginx", site, nginx_port, extra=f"    proxy_bind {NGINX_FROM};")
 
     # a real tunnel through nginx: TLS at nginx, the WebSocket upgrade, then trisocks
     client = start_trisocks_client(procs, f"wss://127.0.0.1:{nginx_port}", user["key"],

@@ -6,7 +6,6 @@ again loses no count; a provider on node 1 serves SOCKS5 clients entering node 2
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import time
@@ -17,11 +16,12 @@ import pytest
 
 from .api_support import KEY, MiB, http
 from .support.curl import curl
+from .support.nginx import start_nginx
 from .support.payload import payload_sha256
 from .support.peers import HOST, start_trisocks_client, start_trisocks_provider
 from .support.procs import free_port
 from .support.redis import start_redis
-from .support.tools import clean_env, require_tool, trisocks_cmd
+from .support.tools import clean_env, trisocks_cmd
 
 _READY = re.compile(r"(?<!proxy )listening on 127\.0\.0\.1:(\d+)")
 REV = "rev-scale-out-token"
@@ -216,36 +216,12 @@ def test_the_guides_nginx_spreads_clients_over_the_nodes(cluster, procs, tmp_pat
     """docs/scale-out.md's nginx configuration in front of the three nodes: clients through
     it land on several nodes and all of them work, with no affinity."""
     _, nodes = cluster
-    nginx = require_tool("nginx")
     site = _doc_block("scale-out-nginx")
     for n, node in enumerate(nodes, 1):
         site = site.replace(f"10.0.0.{n}:8765", f"{HOST}:{node.port}")
     port = free_port()
-    site = site.replace("listen 80;", f"listen {HOST}:{port};")
-    prefix = tmp_path / "nginx"
-    prefix.mkdir()
-    user_line = "user root root;" if os.geteuid() == 0 else ""
-    conf = prefix / "nginx.conf"
-    conf.write_text(f"""worker_processes 1;
-daemon off;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-{user_line}
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-{site}
-}}
-""")
-    checked = subprocess.run([nginx, "-t", "-p", str(prefix), "-c", str(conf)],
-                             capture_output=True, text=True, timeout=30)
-    assert checked.returncode == 0, checked.stderr
-    procs.start([nginx, "-p", str(prefix), "-c", str(conf)], name="nginx").wait_for_port(port)
+    start_nginx(procs, tmp_path / "nginx", site.replace("listen 80;", f"listen {HOST}:{port};"),
+                port)
 
     # the API on a node itself (through the balancer it is a remote caller: 403)
     assert http("GET", f"http://{HOST}:{port}/api/users").status_code == 403

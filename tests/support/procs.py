@@ -173,6 +173,19 @@ class ProcessFactory:
         self.processes.clear()
 
 
+def clean_processes(log_dir: Path):
+    """A fixture's body: a ProcessFactory, and at teardown every process stopped and no
+    trisocks log holding a traceback (failures are one clear log line each)."""
+    factory = ProcessFactory(log_dir)
+    try:
+        yield factory
+        for proc in factory.processes:
+            if proc.name.startswith("trisocks"):
+                assert "Traceback" not in proc.output(), f"traceback in a log\n{proc.describe()}"
+    finally:
+        factory.close()
+
+
 # -- ports -------------------------------------------------------------------------------
 
 # Ports handed out in this test process; never handed out twice.

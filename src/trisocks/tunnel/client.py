@@ -244,10 +244,11 @@ class Client:
             except Exception as exc:
                 _note_failure(f"connecting to {self.endpoint.display}", exc)
                 if not cfg.reconnect:
-                    raise TunnelError(f"cannot reach {self.endpoint.display}: {_describe(exc)}") from None
+                    raise TunnelError(f"cannot reach {self.endpoint.display}: "
+                                      f"{describe_failure(exc)}") from None
                 wait = delay * random.uniform(0.8, 1.2)
                 log.warning("cannot reach %s: %s; retrying in %.1f s", self.endpoint.display,
-                            _describe(exc), wait)
+                            describe_failure(exc), wait)
                 await trio.sleep(wait)
                 delay = min(delay * 2, cfg.backoff_max)
                 continue
@@ -274,7 +275,7 @@ class Client:
                 await self._run_session(session)
                 nursery.cancel_scope.cancel()
         except Exception as exc:
-            session.close_reason = session.close_reason or f"failed: {_describe(_leaf(exc))}"
+            session.close_reason = session.close_reason or f"failed: {describe_failure(_leaf(exc))}"
             _note_failure(f"connection {slot} to server", exc)
 
     async def _run_session(self, session: Session) -> None:
@@ -441,7 +442,8 @@ def _note_failure(unit: str, exc: BaseException) -> None:
         report(unit, leaf)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
+    """A failure to reach or keep a server, in a few words for a log line."""
     if isinstance(exc, HandshakeError):
         return exc.message
     if isinstance(exc, trio.TooSlowError):

@@ -38,7 +38,7 @@ from ..net.transport import accept_loop, close_socket, listen_on
 from ..wire.codec import ProtocolError
 from ..wire.errors import AuthError, MessageError
 from ..wire.names import hostport
-from .client import Client, ClientConfig
+from .client import Client, ClientConfig, describe_failure
 from .pool import PING_GRACE, SessionPool
 from .server_config import ServerConfig
 from .tokens import BRIDGE_PREFIX
@@ -392,7 +392,7 @@ class NodeBridges:
                 session = await client.connect()
         except (*PEER_ERRORS, HandshakeError, ProtocolError, MessageError, AuthError) as exc:
             self._down[link.url] = trio.current_time() + DOWN_HOLD
-            self._note_failure(link.url, _describe(exc))
+            self._note_failure(link.url, describe_failure(exc))
             return None
         except Exception as exc:  # a bug
             self._down[link.url] = trio.current_time() + DOWN_HOLD
@@ -434,13 +434,3 @@ class NodeBridges:
             log.warning("node bridge to %s: %s (channels for its providers fail meanwhile)",
                         url, error)
         self._failing[url] = error
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, HandshakeError):
-        return exc.message
-    if isinstance(exc, trio.TooSlowError):
-        return "timed out"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
