@@ -18,7 +18,9 @@ Every ``--interval`` seconds: RSS (/proc/PID/status VmRSS) and open fds (/proc/P
 sampled process. Verdict: zero exits, no traceback in a log, no failed bulk transfer, and after
 the warm-up (the first quarter, at least 2 samples) growth <= 5 % in RSS and in fds, comparing the
 median of the last third of the samples with the median of the first third (fds: at least 3
-of slack, for connections in flight). Report: JSON, Markdown and an SVG plot in --out (default
+of slack, for connections in flight; RSS: at least 2 MiB, the allocator's granularity with 1 MiB
+reads in flight, which a 35 MiB process's 5 % does not cover: a real leak passes it in the
+10-minute run). Report: JSON, Markdown and an SVG plot in --out (default
 .soak/<time>/, and .soak/latest.*). Exit status 0 when the verdict passes, 1 when it fails.
 """
 
@@ -50,6 +52,7 @@ from tests.support.procs import ProcessFactory, kill_all_live  # noqa: E402
 MiB = 1 << 20
 GROWTH = 0.05
 FD_SLACK = 3
+RSS_SLACK_KIB = 2048
 
 
 class Load:
@@ -276,7 +279,7 @@ def judge(samples: list[dict], names: list[str], warmup: float) -> dict:
             first = statistics.median(values[:third])
             last = statistics.median(values[-third:])
             growth = (last - first) / first if first else 0.0
-            allowed = first * GROWTH if metric == "rss_kib" else max(first * GROWTH, FD_SLACK)
+            allowed = max(first * GROWTH, RSS_SLACK_KIB if metric == "rss_kib" else FD_SLACK)
             ok = last - first <= allowed
             row[metric] = {"first": first, "last": last, "min": min(values), "max": max(values),
                            "growth": round(growth, 4), "allowed_abs": allowed, "ok": ok}
