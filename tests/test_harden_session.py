@@ -320,11 +320,17 @@ def test_stalled_readers_do_not_stop_other_users(procs, payload_server, mode):
 
 # -- row 6: a peer that never reads its WebSocket ---------------------------------------------
 
-def _raw_session(port: int, flow: bool = False) -> socket.socket:
-    """An authenticated WebSocket to a trisocks server, by hand (optionally without flow control)."""
+def _raw_session(port: int, flow: bool = False, rcvbuf: int = 0) -> socket.socket:
+    """An authenticated WebSocket to a trisocks server, by hand (optionally without flow
+    control). ``rcvbuf``: a small receive buffer for a peer that does not read, set before
+    connecting (set afterwards, the window already offered shrinks, and loopback TCP could
+    stall both ways: the server then saw a silent peer and closed it after 90 s)."""
     import base64
 
-    sock = socket.create_connection(("127.0.0.1", port))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     extra = "X-Trisocks-Flow: window=131072\r\n" if flow else ""
     sock.sendall((f"GET /socket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -341,17 +347,12 @@ def _frame(payload: bytes, opcode: int = codec.OP_BINARY) -> bytes:
     return codec.encode_frame(opcode, payload, struct.unpack("I", os.urandom(4))[0])
 
 
-def _shrink_receive_buffer(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-
-
 def test_peer_that_never_reads_its_websocket_costs_bounded_memory(procs, payload_server):
     server, client = forward(procs)
     base = rss_mib(server.proc.pid)
     other = Download(payload_server, client.socks)
     with target(firehose) as t:
-        sock = _raw_session(server.port)
-        _shrink_receive_buffer(sock)
+        sock = _raw_session(server.port, rcvbuf=4096)
         connects = b"".join(
             _frame(protocol.pack(protocol.Connect(protocol.TCP, os.urandom(16), "127.0.0.1", t.port)))
             for _ in range(1000))
@@ -375,8 +376,7 @@ def test_peer_that_never_reads_its_websocket_costs_bounded_memory(procs, payload
 def test_ping_flood_without_reading_pongs_costs_bounded_memory(procs, payload_server):
     server, client = forward(procs)
     other = Download(payload_server, client.socks)
-    sock = _raw_session(server.port)
-    _shrink_receive_buffer(sock)
+    sock = _raw_session(server.port, rcvbuf=4096)
     base = rss_mib(server.proc.pid)
     ping = _frame(b"p" * 125, codec.OP_PING)
     block = ping * ((1 << 20) // len(ping))
