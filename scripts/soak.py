@@ -18,8 +18,9 @@ Every ``--interval`` seconds: RSS (/proc/PID/status VmRSS) and open fds (/proc/P
 sampled process. Verdict: zero exits, no traceback in a log, no failed bulk transfer, and after
 the warm-up (the first quarter, at least 2 samples) growth <= 5 % in RSS and in fds, comparing the
 median of the last third of the samples with the median of the first third (fds: at least 3
-of slack, for connections in flight; RSS: at least 2 MiB, the allocator's granularity with 1 MiB
-reads in flight, which a 35 MiB process's 5 % does not cover: a real leak passes it in the
+of slack, for connections in flight; RSS: at least 4 MiB, for what is bounded but still filling
+in a short run: the server's 10,000 events in memory (the API writes make some 100 a second)
+and the allocator's granularity with 1 MiB reads in flight; a leak still passes it in the
 10-minute run). Report: JSON, Markdown and an SVG plot in --out (default
 .soak/<time>/, and .soak/latest.*). Exit status 0 when the verdict passes, 1 when it fails.
 """
@@ -52,7 +53,7 @@ from tests.support.procs import ProcessFactory, kill_all_live  # noqa: E402
 MiB = 1 << 20
 GROWTH = 0.05
 FD_SLACK = 3
-RSS_SLACK_KIB = 2048
+RSS_SLACK_KIB = 4096
 
 
 class Load:
